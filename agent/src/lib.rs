@@ -1,1 +1,146 @@
-//! placeholder
+//! The agent: fingerprints the host, holds one QUIC session with the coordinators, and (with the
+//! issues that bring them) runs the allocations it is assigned through a runtime.
+//!
+//! Architecture invariant: the agent decides nothing about placement. It reports what it has and
+//! what it runs; the coordinator decides.
+
+pub mod config;
+pub mod credentials;
+pub mod fingerprint;
+pub mod runtimes;
+pub mod session;
+
+use anyhow::{bail, Context, Result};
+use config::AgentConfig;
+use credentials::{now_unix_s, AgentCredentials};
+use gantry_protocol::{Register, RuntimeReport};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `host:port` of each coordinator's QUIC listener; tried in turn.
+    pub coordinators: Vec<String>,
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub config: AgentConfig,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl AgentOptions {
+    pub fn new(coordinators: Vec<String>, data_dir: PathBuf, config: AgentConfig) -> Self {
+        Self {
+            coordinators,
+            join_token: None,
+            data_dir,
+            config,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The name the agent shows: configured, else the hostname.
+pub fn agent_name(config: &AgentConfig) -> String {
+    config
+        .name
+        .clone()
+        .or_else(sysinfo::System::host_name)
+        .unwrap_or_else(|| "agent".into())
+}
+
+/// Everything the agent would register with: used by `gantry agent fingerprint` too.
+pub async fn fingerprint(config: &AgentConfig, data_dir: &std::path::Path) -> Register {
+    let runtimes = runtimes::detect(config.allow_process).await;
+    register_message(config, data_dir, &runtimes)
+}
+
+fn register_message(config: &AgentConfig, data_dir: &std::path::Path, runtimes: &[RuntimeReport]) -> Register {
+    Register {
+        name: agent_name(config),
+        software_version: env!("CARGO_PKG_VERSION").into(),
+        site: config.site.clone(),
+        site_kind: config.kind,
+        cost_per_gpu_hour: config.cost_per_gpu_hour,
+        cost_per_cpu_hour: config.cost_per_cpu_hour,
+        labels: config.labels.clone(),
+        runtimes: runtimes.to_vec(),
+        nodes: vec![fingerprint::local_node(config, data_dir)],
+    }
+}
+
+async fn resolve_all(addresses: &[String]) -> Vec<SocketAddr> {
+    let mut resolved = Vec::new();
+    for address in addresses {
+        match tokio::net::lookup_host(address).await {
+            Ok(addrs) => resolved.extend(addrs.take(1)),
+            Err(e) => tracing::warn!(%address, "cannot resolve coordinator address: {e}"),
+        }
+    }
+    resolved
+}
+
+/// Loads the stored identity, or joins with the token to get one.
+async fn credentials(options: &AgentOptions) -> Result<AgentCredentials> {
+    let stored = AgentCredentials::load(&options.data_dir).map_err(anyhow::Error::msg)?;
+    match (stored, &options.join_token) {
+        (Some(stored), token) if stored.not_after_unix > now_unix_s() => {
+            if token.is_some() {
+                tracing::info!(agent = %stored.agent_id, "using the certificate stored in the data dir; the join token is not needed");
+            }
+            Ok(stored)
+        }
+        (stored, Some(token)) => {
+            if let Some(expired) = stored {
+                tracing::warn!(agent = %expired.agent_id, "stored certificate has expired; joining again with the token");
+            }
+            let addrs = resolve_all(&options.coordinators).await;
+            if addrs.is_empty() {
+                bail!("none of the coordinator addresses {:?} resolved", options.coordinators);
+            }
+            Ok(credentials::join(&addrs, token, &agent_name(&options.config), &options.data_dir).await?)
+        }
+        (Some(_), None) => bail!(
+            "the certificate stored in {} has expired: restart with --join TOKEN (create one with `gantry token create --role agent`)",
+            options.data_dir.display()
+        ),
+        (None, None) => bail!(
+            "{} holds no agent certificate: start with --join TOKEN the first time (create one with `gantry token create --role agent`)",
+            options.data_dir.display()
+        ),
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. Errors are those a restart would not cure: a refused
+/// join, a missing or expired identity.
+pub async fn run(options: AgentOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    if options.coordinators.is_empty() {
+        bail!("no coordinator address given: pass --coordinator HOST:PORT");
+    }
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("create data dir {}", options.data_dir.display()))?;
+    let credentials = credentials(&options).await?;
+    tracing::info!(agent = %credentials.agent_id, "agent identity loaded");
+    let runtimes = runtimes::detect(options.config.allow_process).await;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+    });
+    let config = options.config.clone();
+    let data_dir = options.data_dir.clone();
+    let session = session::Session::new(
+        session::SessionConfig {
+            coordinators: options.coordinators.clone(),
+            data_dir: options.data_dir.clone(),
+            backoff_initial: options.backoff_initial,
+            backoff_max: options.backoff_max,
+        },
+        credentials,
+        Box::new(move || register_message(&config, &data_dir, &runtimes)),
+    );
+    session.run(shutdown_rx).await
+}

@@ -15,13 +15,14 @@ use rcgen::{
 };
 use ring::digest::{digest, SHA256};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The DNS name every coordinator certificate holds and every client verifies.
 pub const COORDINATOR_SERVER_NAME: &str = "coordinator.gantry";
 
 /// Certificates are valid from this long before issue, to tolerate clock skew between hosts.
-const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(300);
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -47,6 +48,7 @@ pub fn sha256_hex(der: &[u8]) -> String {
 pub struct CertIdentity {
     pub role: Role,
     pub identity: String,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
 }
 
@@ -64,7 +66,12 @@ pub fn parse_certificate(der: &[u8]) -> Result<CertIdentity, PkiError> {
         .find_map(|attribute| attribute.as_str().ok())
         .ok_or_else(|| PkiError::InvalidCertificate("no common name".into()))?
         .to_string();
-    Ok(CertIdentity { role, identity, not_after_unix: cert.validity().not_after.timestamp() })
+    Ok(CertIdentity {
+        role,
+        identity,
+        not_before_unix: cert.validity().not_before.timestamp(),
+        not_after_unix: cert.validity().not_after.timestamp(),
+    })
 }
 
 fn random_serial() -> SerialNumber {
@@ -217,6 +224,26 @@ pub fn pem_to_der(pem: &str, label: &str) -> Result<Vec<u8>, PkiError> {
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|e| PkiError::InvalidCertificate(format!("bad base64 in PEM: {e}")))
+}
+
+/// Writes `contents` to `path` atomically (temp file, fsync, rename), readable by the owner only
+/// when `secret`. Keys and certificates are stored this way so a crash never leaves half a file.
+pub fn write_file_atomic(path: &Path, contents: &[u8], secret: bool) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(if secret { 0o600 } else { 0o644 });
+        }
+        let mut file = options.open(&tmp)?;
+        std::io::Write::write_all(&mut file, contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,232 @@
+//! The agent's config file (TOML). Every field is optional; the defaults describe an on-prem host
+//! that reports what it finds and runs only containers.
+//!
+//! ```toml
+//! name = "gpu-07"              # shown in `gantry nodes`; the hostname by default
+//! site = "onprem-a"
+//! kind = "on-prem"             # or "cloud"
+//! cost_per_gpu_hour = 1.20     # amortised for on-prem, so cost reports never show it as free
+//! cost_per_cpu_hour = 0.02
+//! allow_process = false        # run plain processes (like Nomad's raw_exec); off by default
+//!
+//! [labels]
+//! rack = "r12"
+//!
+//! [[gpus]]                     # for hosts where NVML is absent, like Slurm's gres.conf
+//! model = "A100"
+//! memory = "80GiB"
+//! count = 4
+//! ```
+
+use gantry_protocol::SiteKind;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A declared GPU group may not claim more devices than this (a sanity bound on typos).
+pub const DECLARED_GPUS_PER_GROUP_MAX: u32 = 64;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: Option<String>,
+    #[serde(default = "default_site")]
+    pub site: String,
+    #[serde(default = "default_kind")]
+    pub kind: SiteKind,
+    #[serde(default)]
+    pub cost_per_gpu_hour: f64,
+    #[serde(default)]
+    pub cost_per_cpu_hour: f64,
+    #[serde(default)]
+    pub allow_process: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gpus: Vec<DeclaredGpus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredGpus {
+    pub model: String,
+    /// Such as "80GiB".
+    pub memory: String,
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn default_site() -> String {
+    "default".into()
+}
+
+fn default_kind() -> SiteKind {
+    SiteKind::OnPrem
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            site: default_site(),
+            kind: default_kind(),
+            cost_per_gpu_hour: 0.0,
+            cost_per_cpu_hour: 0.0,
+            allow_process: false,
+            labels: BTreeMap::new(),
+            gpus: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read agent config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("agent config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("agent config {path}: field `{field}`: {reason}")]
+    Invalid { path: String, field: String, reason: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: String| ConfigError::Invalid { path: origin.to_string(), field, reason };
+        if self.site.trim().is_empty() {
+            return Err(invalid("site".into(), "must not be empty".into()));
+        }
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() {
+                return Err(invalid("name".into(), "must not be empty when given".into()));
+            }
+        }
+        for (field, cost) in [("cost_per_gpu_hour", self.cost_per_gpu_hour), ("cost_per_cpu_hour", self.cost_per_cpu_hour)] {
+            if !cost.is_finite() || cost < 0.0 {
+                return Err(invalid(field.into(), format!("must be a non-negative number, got {cost}")));
+            }
+        }
+        for (i, group) in self.gpus.iter().enumerate() {
+            if group.model.trim().is_empty() {
+                return Err(invalid(format!("gpus[{i}].model"), "must not be empty".into()));
+            }
+            parse_bytes(&group.memory).map_err(|reason| invalid(format!("gpus[{i}].memory"), reason))?;
+            if group.count == 0 || group.count > DECLARED_GPUS_PER_GROUP_MAX {
+                return Err(invalid(
+                    format!("gpus[{i}].count"),
+                    format!("must be between 1 and {DECLARED_GPUS_PER_GROUP_MAX}, got {}", group.count),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size such as "80GiB", "512MiB", "16GB" or "1024" (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: expected a number and a unit such as \"80GiB\""))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "K" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        "TB" | "T" => 1_000_000_000_000,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "TiB" | "Ti" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")),
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes <= 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses() {
+        let config = AgentConfig::parse(
+            r#"
+            name = "gpu-07"
+            site = "onprem-a"
+            kind = "on-prem"
+            cost_per_gpu_hour = 1.2
+            cost_per_cpu_hour = 0.02
+            allow_process = true
+            [labels]
+            rack = "r12"
+            [[gpus]]
+            model = "A100"
+            memory = "80GiB"
+            count = 4
+            "#,
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(config.site, "onprem-a");
+        assert_eq!(config.kind, SiteKind::OnPrem);
+        assert!(config.allow_process);
+        assert_eq!(config.gpus[0].count, 4);
+        assert_eq!(config.labels["rack"], "r12");
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = AgentConfig::parse("", "agent.toml").unwrap();
+        assert_eq!(config, AgentConfig::default());
+        assert!(!config.allow_process, "the process runtime is opt-in");
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_reason() {
+        for (text, needle) in [
+            ("kind = \"edge\"", "unknown variant `edge`"),
+            ("sit = \"x\"", "unknown field `sit`"),
+            ("cost_per_gpu_hour = -1.0", "`cost_per_gpu_hour`"),
+            ("[[gpus]]\nmodel = \"A100\"\nmemory = \"80 parsecs\"", "`gpus[0].memory`"),
+            ("[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 0", "`gpus[0].count`"),
+        ] {
+            let err = AgentConfig::parse(text, "agent.toml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("80GiB"), Ok(80 << 30));
+        assert_eq!(parse_bytes("16GB"), Ok(16_000_000_000));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("0GiB").is_err());
+        assert!(parse_bytes("GiB").is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! The QUIC shell: accepts connections, tells agents, joining nodes and peer coordinators apart
+//! by ALPN and certificate role, and turns their messages into events for the loop.
+
+use crate::data_dir::ClusterFiles;
+use crate::server::{Event, Handle};
+use anyhow::Result;
+use gantry_protocol::pki::ClusterCa;
+use gantry_protocol::token::{JoinToken, TokenError};
+use gantry_protocol::transport::{self, close_code, server_hello, TransportError, ALPN_AGENT, ALPN_JOIN, ALPN_PEER};
+use gantry_protocol::{
+    AgentMessage, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse, Register, Role, WireError,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Messages queued for one agent's session before the loop waits.
+const OUTBOX_LEN_MAX: usize = 256;
+/// A joining node gets this long to send its request.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds on what one register message may declare.
+const REGISTER_NODES_MAX: usize = 10_000;
+const REGISTER_LABELS_MAX: usize = 256;
+
+pub struct QuicContext {
+    events: Handle,
+    ca: ClusterCa,
+    cluster_key: Vec<u8>,
+    agent_cert_ttl: Duration,
+    next_session_id: AtomicU64,
+}
+
+impl QuicContext {
+    pub fn new(files: &ClusterFiles, events: Handle, agent_cert_ttl: Duration) -> Self {
+        let ca = ClusterCa::from_pem(&files.ca.cert_pem(), &files.ca.key_pem())
+            .expect("a CA that was just loaded reloads");
+        Self {
+            events,
+            ca,
+            cluster_key: files.cluster_key.clone(),
+            agent_cert_ttl,
+            next_session_id: AtomicU64::new(1),
+        }
+    }
+}
+
+pub fn endpoint(files: &ClusterFiles, socket: std::net::UdpSocket) -> Result<quinn::Endpoint> {
+    let tls = gantry_protocol::tls::server_config(&files.credentials, &[ALPN_AGENT, ALPN_JOIN, ALPN_PEER])?;
+    Ok(transport::server_endpoint(socket, tls)?)
+}
+
+pub async fn serve(endpoint: quinn::Endpoint, context: Arc<QuicContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let context = context.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::warn!(%remote, "QUIC handshake failed: {e}");
+                    return;
+                }
+            };
+            if let Err(reason) = handle_connection(&connection, &context).await {
+                tracing::warn!(%remote, "closing connection: {reason}");
+                connection.close(close_code::PROTOCOL_VIOLATION.into(), reason.as_bytes());
+            }
+        });
+    }
+}
+
+fn refuse(connection: &quinn::Connection, reason: &str) -> Result<(), String> {
+    connection.close(close_code::REFUSED.into(), reason.as_bytes());
+    Err(reason.to_string())
+}
+
+async fn handle_connection(connection: &quinn::Connection, context: &QuicContext) -> Result<(), String> {
+    let alpn = transport::alpn_of(connection).unwrap_or_default();
+    let identity = transport::peer_identity(connection);
+    match alpn.as_slice() {
+        ALPN_JOIN => join(connection, context).await,
+        ALPN_AGENT => match identity {
+            Some(identity) if identity.role == Role::Agent => {
+                agent_session(connection, context, identity.identity).await
+            }
+            Some(identity) => refuse(
+                connection,
+                &format!("certificate of {} has role {}; an agent session needs an agent certificate", identity.identity, identity.role),
+            ),
+            None => refuse(connection, "an agent session needs a client certificate: join with a token first"),
+        },
+        ALPN_PEER => match identity {
+            Some(identity) if identity.role == Role::Coordinator => refuse(
+                connection,
+                "this coordinator runs as a single node and takes no peer traffic",
+            ),
+            Some(identity) => refuse(
+                connection,
+                &format!("certificate of {} has role {}: it cannot act as a coordinator", identity.identity, identity.role),
+            ),
+            None => refuse(connection, "peer coordinators must present a coordinator certificate"),
+        },
+        other => refuse(connection, &format!("unknown ALPN {:?}", String::from_utf8_lossy(other))),
+    }
+}
+
+fn now_unix_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
+    hex::encode(bytes)
+}
+
+fn refusal(error: &TokenError) -> WireError {
+    let code = match error {
+        TokenError::Malformed(_) | TokenError::BadSignature => ErrorCode::TokenInvalid,
+        TokenError::Expired { .. } => ErrorCode::TokenExpired,
+        TokenError::WrongRole { .. } => ErrorCode::TokenWrongRole,
+    };
+    WireError { code, message: error.to_string() }
+}
+
+async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(), String> {
+    let remote = connection.remote_address();
+    let exchange = async {
+        let (mut send, mut recv, _version) = server_hello(connection).await?;
+        let request: JoinRequest = recv.expect().await?;
+        let checked = JoinToken::parse(&request.token)
+            .and_then(|token| token.verify(&context.cluster_key, now_unix_s(), request.role));
+        let response = match checked {
+            Err(error) => {
+                tracing::warn!(%remote, name = %request.name, role = %request.role, "refused join: {error}");
+                JoinResponse::Refused(refusal(&error))
+            }
+            Ok(()) if request.role == Role::Coordinator => JoinResponse::Refused(WireError {
+                code: ErrorCode::Internal,
+                message: "this coordinator runs as a single node; coordinators cannot join it yet".into(),
+            }),
+            Ok(()) => {
+                let identity = format!("agent-{}", random_suffix());
+                match context.ca.issue(&request.csr_der, Role::Agent, &identity, SystemTime::now(), context.agent_cert_ttl) {
+                    Ok(cert) => {
+                        tracing::info!(%remote, name = %request.name, %identity, "agent joined");
+                        JoinResponse::Accepted {
+                            identity,
+                            cert_der: cert.to_vec(),
+                            ca_der: context.ca.cert_der().to_vec(),
+                        }
+                    }
+                    Err(error) => JoinResponse::Refused(WireError {
+                        code: ErrorCode::InvalidMessage,
+                        message: error.to_string(),
+                    }),
+                }
+            }
+        };
+        send.send(&response).await?;
+        send.finish();
+        Ok::<_, TransportError>(())
+    };
+    match tokio::time::timeout(JOIN_TIMEOUT, exchange).await {
+        Ok(Ok(())) => {
+            // Let the joining node read the answer and close the connection itself.
+            let _ = tokio::time::timeout(JOIN_TIMEOUT, connection.closed()).await;
+            Ok(())
+        }
+        Ok(Err(error)) => Err(format!("join exchange failed: {error}")),
+        Err(_) => Err("join exchange timed out".into()),
+    }
+}
+
+fn validate_register(register: &Register) -> Result<(), String> {
+    if register.nodes.is_empty() {
+        return Err("register.nodes is empty: an agent reports at least one node".into());
+    }
+    if register.nodes.len() > REGISTER_NODES_MAX {
+        return Err(format!("register.nodes has {} entries, over the limit of {REGISTER_NODES_MAX}", register.nodes.len()));
+    }
+    if register.labels.len() > REGISTER_LABELS_MAX {
+        return Err(format!("register.labels has {} entries, over the limit of {REGISTER_LABELS_MAX}", register.labels.len()));
+    }
+    for (field, cost) in [("cost_per_gpu_hour", register.cost_per_gpu_hour), ("cost_per_cpu_hour", register.cost_per_cpu_hour)] {
+        if !cost.is_finite() || cost < 0.0 {
+            return Err(format!("register.{field} must be a finite, non-negative number, got {cost}"));
+        }
+    }
+    Ok(())
+}
+
+async fn agent_session(connection: &quinn::Connection, context: &QuicContext, agent_id: String) -> Result<(), String> {
+    let (mut send, mut recv, _version) = server_hello(connection).await.map_err(|e| e.to_string())?;
+    let register = match recv.expect::<AgentMessage>().await {
+        Ok(AgentMessage::Register(register)) => register,
+        Ok(_) => return Err("the first message of an agent session must be Register".into()),
+        Err(e) => return Err(format!("reading Register: {e}")),
+    };
+    if let Err(reason) = validate_register(&register) {
+        let _ = send
+            .send(&CoordinatorMessage::Error(WireError { code: ErrorCode::InvalidMessage, message: reason.clone() }))
+            .await;
+        return refuse(connection, &reason);
+    }
+    let session_id = context.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_LEN_MAX);
+    let (reply, welcome) = oneshot::channel();
+    let registered = Event::Registered {
+        agent_id: agent_id.clone(),
+        register: Box::new(register),
+        session_id,
+        outbox,
+        reply,
+    };
+    context.events.send(registered).await.map_err(|_| "coordinator is shutting down".to_string())?;
+    let welcome = welcome.await.map_err(|_| "coordinator is shutting down".to_string())?;
+    send.send(&CoordinatorMessage::Welcome(welcome)).await.map_err(|e| e.to_string())?;
+
+    let outcome = loop {
+        tokio::select! {
+            message = recv.recv::<AgentMessage>() => match message {
+                Ok(Some(AgentMessage::Heartbeat(_))) => {
+                    let event = Event::Heartbeat { agent_id: agent_id.clone(), session_id };
+                    if context.events.send(event).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Ok(Some(AgentMessage::RenewCertificate { csr_der })) => {
+                    let issued = context.ca.issue(&csr_der, Role::Agent, &agent_id, SystemTime::now(), context.agent_cert_ttl);
+                    let reply = match issued {
+                        Ok(cert) => CoordinatorMessage::Certificate { cert_der: cert.to_vec() },
+                        Err(e) => CoordinatorMessage::Error(WireError { code: ErrorCode::InvalidMessage, message: e.to_string() }),
+                    };
+                    tracing::info!(agent = %agent_id, "renewed agent certificate");
+                    if let Err(e) = send.send(&reply).await {
+                        break Err(e.to_string());
+                    }
+                }
+                Ok(Some(AgentMessage::Register(_))) => break Err("Register sent twice in one session".into()),
+                Ok(Some(AgentMessage::AllocationState(report))) => {
+                    tracing::debug!(agent = %agent_id, allocation = %report.allocation_id, "allocation state report");
+                }
+                Ok(Some(AgentMessage::LogChunk(chunk))) => {
+                    tracing::debug!(agent = %agent_id, allocation = %chunk.allocation_id, "log chunk");
+                }
+                Ok(None) => break Ok(()),
+                Err(TransportError::Connection(e)) | Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                    tracing::info!(agent = %agent_id, "agent connection lost: {e}");
+                    break Ok(());
+                }
+                Err(e) => break Err(format!("agent {agent_id}: {e}")),
+            },
+            outgoing = outbox_rx.recv() => match outgoing {
+                Some(message) => {
+                    if let Err(e) = send.send(&message).await {
+                        break Err(e.to_string());
+                    }
+                }
+                None => {
+                    connection.close(close_code::NORMAL.into(), b"superseded by a newer session");
+                    break Ok(());
+                }
+            },
+        }
+    };
+    let _ = context.events.send(Event::SessionEnded { agent_id, session_id }).await;
+    outcome
+}
