@@ -2,6 +2,8 @@
 //! that reports what it finds and runs only containers.
 //!
 //! ```toml
+//! coordinators = ["10.0.0.1:7443", "10.0.0.2:7443"]   # or --coordinator
+//! data_dir = "/var/lib/gantry/agent"                  # or --data-dir
 //! name = "gpu-07"              # shown in `gantry nodes`; the hostname by default
 //! site = "onprem-a"
 //! kind = "on-prem"             # or "cloud"
@@ -29,6 +31,11 @@ pub const DECLARED_GPUS_PER_GROUP_MAX: u32 = 64;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// Coordinator QUIC addresses (`host:port`); `--coordinator` overrides.
+    #[serde(default)]
+    pub coordinators: Vec<String>,
+    /// Where the agent keeps its identity; `--data-dir` overrides.
+    pub data_dir: Option<std::path::PathBuf>,
     pub name: Option<String>,
     #[serde(default = "default_site")]
     pub site: String,
@@ -71,6 +78,8 @@ fn one() -> u32 {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
+            coordinators: Vec::new(),
+            data_dir: None,
             name: None,
             site: default_site(),
             kind: default_kind(),

@@ -193,7 +193,11 @@ fn validate_register(register: &Register) -> Result<(), String> {
 }
 
 async fn agent_session(connection: &quinn::Connection, context: &QuicContext, agent_id: String) -> Result<(), String> {
-    let (mut send, mut recv, _version) = server_hello(connection).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv, _version) = match server_hello(connection).await {
+        Ok(opened) => opened,
+        Err(TransportError::Refused(message)) => return refuse(connection, &message),
+        Err(e) => return Err(e.to_string()),
+    };
     let register = match recv.expect::<AgentMessage>().await {
         Ok(AgentMessage::Register(register)) => register,
         Ok(_) => return Err("the first message of an agent session must be Register".into()),
@@ -203,6 +207,7 @@ async fn agent_session(connection: &quinn::Connection, context: &QuicContext, ag
         let _ = send
             .send(&CoordinatorMessage::Error(WireError { code: ErrorCode::InvalidMessage, message: reason.clone() }))
             .await;
+        send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT).await;
         return refuse(connection, &reason);
     }
     let session_id = context.next_session_id.fetch_add(1, Ordering::Relaxed);

@@ -19,7 +19,7 @@ pub enum TokenError {
     BadSignature,
     #[error("join token expired at unix time {expired_unix_s} ({ago_s} s ago)")]
     Expired { expired_unix_s: u64, ago_s: u64 },
-    #[error("join token is for role {token_role}, but a {wanted_role} tried to join with it")]
+    #[error("join token is for role {token_role}, not {wanted_role}: create one with --role {wanted_role}")]
     WrongRole { token_role: Role, wanted_role: Role },
 }
 

@@ -20,6 +20,9 @@ pub const ALPN_PEER: &[u8] = b"gantry-peer";
 /// A connection that carries nothing for this long is closed. Heartbeats keep sessions alive.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a refusal waits to reach the peer before the connection is closed anyway.
+pub const REFUSAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Error codes used when closing a connection.
 pub mod close_code {
     pub const NORMAL: u32 = 0;
@@ -134,6 +137,13 @@ impl FramedSend {
     pub fn finish(&mut self) {
         let _ = self.stream.finish();
     }
+
+    /// Finishes the stream and waits (at most `timeout`) until the peer has everything, so that a
+    /// connection closed right after still delivers the last message, such as a refusal.
+    pub async fn finish_and_flush(&mut self, timeout: Duration) {
+        let _ = self.stream.finish();
+        let _ = tokio::time::timeout(timeout, self.stream.stopped()).await;
+    }
 }
 
 /// Receives whole frames from a QUIC stream, refusing any over `max_bytes`.
@@ -198,6 +208,9 @@ pub async fn server_hello(
     send.send(&reply).await?;
     match reply {
         HelloReply::Accepted { version } => Ok((send, recv, version)),
-        HelloReply::Refused { message } => Err(TransportError::Refused(message)),
+        HelloReply::Refused { message } => {
+            send.finish_and_flush(REFUSAL_FLUSH_TIMEOUT).await;
+            Err(TransportError::Refused(message))
+        }
     }
 }

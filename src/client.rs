@@ -1,0 +1,86 @@
+//! The CLI's HTTP client: tries each coordinator in `GANTRY_API` in turn, sends the bearer token,
+//! and turns the API's error bodies into messages.
+
+use anyhow::{anyhow, bail, Context, Result};
+use gantry_coordinator::api::types::ErrorBody;
+use serde::{de::DeserializeOwned, Serialize};
+use std::time::Duration;
+
+pub struct ApiClient {
+    bases: Vec<String>,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(api: &str, token: Option<String>) -> Result<Self> {
+        let bases: Vec<String> = api
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let s = s.trim_end_matches('/');
+                if s.starts_with("http://") || s.starts_with("https://") {
+                    s.to_string()
+                } else {
+                    format!("http://{s}")
+                }
+            })
+            .collect();
+        if bases.is_empty() {
+            bail!("no coordinator API address: set GANTRY_API or pass --api (such as 127.0.0.1:7080)");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("build the HTTP client")?;
+        Ok(Self { bases, token, http })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&B>) -> Result<T> {
+        let mut failures = Vec::new();
+        for base in &self.bases {
+            let mut request = self.http.request(method.clone(), format!("{base}{path}"));
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token.trim());
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if e.is_connect() || e.is_timeout() => {
+                    failures.push(format!("{base}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(anyhow!("{method} {base}{path}: {e}")),
+            };
+            let status = response.status();
+            let bytes = response.bytes().await.with_context(|| format!("read the answer from {base}"))?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes).with_context(|| format!("parse the answer from {base}{path}"));
+            }
+            let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => match body.error.field {
+                    Some(field) => format!("{} (field `{field}`)", body.error.message),
+                    None => body.error.message,
+                },
+                Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+            };
+            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+                bail!("{message}\nset GANTRY_TOKEN or pass --token");
+            }
+            bail!("{status}: {message}");
+        }
+        bail!("no coordinator answered: {}", failures.join("; "))
+    }
+}
