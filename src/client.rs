@@ -28,7 +28,9 @@ impl ApiClient {
             })
             .collect();
         if bases.is_empty() {
-            bail!("no coordinator API address: set GANTRY_API or pass --api (such as 127.0.0.1:7080)");
+            bail!(
+                "no coordinator API address: set GANTRY_API or pass --api (such as 127.0.0.1:7080)"
+            );
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
@@ -46,7 +48,12 @@ impl ApiClient {
         self.send(reqwest::Method::POST, path, Some(body)).await
     }
 
-    async fn send<B: Serialize, T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&B>) -> Result<T> {
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
         let mut failures = Vec::new();
         for base in &self.bases {
             let mut request = self.http.request(method.clone(), format!("{base}{path}"));
@@ -65,9 +72,13 @@ impl ApiClient {
                 Err(e) => return Err(anyhow!("{method} {base}{path}: {e}")),
             };
             let status = response.status();
-            let bytes = response.bytes().await.with_context(|| format!("read the answer from {base}"))?;
+            let bytes = response
+                .bytes()
+                .await
+                .with_context(|| format!("read the answer from {base}"))?;
             if status.is_success() {
-                return serde_json::from_slice(&bytes).with_context(|| format!("parse the answer from {base}{path}"));
+                return serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parse the answer from {base}{path}"));
             }
             let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => match body.error.field {

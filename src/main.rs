@@ -2,6 +2,7 @@
 //! site installs by copying one file.
 
 mod client;
+mod demo;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "gantry", version, about = "Run ML work across a hybrid fleet of GPU servers, Docker hosts and Kubernetes clusters.")]
+#[command(
+    name = "gantry",
+    version,
+    about = "Run ML work across a hybrid fleet of GPU servers, Docker hosts and Kubernetes clusters."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +27,12 @@ struct Cli {
 #[derive(Args, Clone)]
 struct ApiArgs {
     /// Coordinator HTTP API addresses, comma-separated; the next is tried when one is down.
-    #[arg(long, env = "GANTRY_API", default_value = "127.0.0.1:7080", global = true)]
+    #[arg(
+        long,
+        env = "GANTRY_API",
+        default_value = "127.0.0.1:7080",
+        global = true
+    )]
     api: String,
     /// Bearer token for the API (the admin token is in the coordinator's DATA_DIR/admin.token).
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true, global = true)]
@@ -41,6 +51,13 @@ enum Command {
         command: TokenCommand,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Start a whole local fleet in this process (coordinator and three agents on loopback) and
+    /// show it working: join, capacity, an agent killed and brought back.
+    Demo {
+        /// Leave the cluster running afterwards and print how to point the CLI at it.
+        #[arg(long)]
+        keep: bool,
     },
     /// List the fleet's nodes with their capacity and status.
     Nodes {
@@ -105,10 +122,15 @@ mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let text: Option<String> = Option::deserialize(deserializer)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
-            .transpose()
+        text.map(|t| {
+            humantime::parse_duration(&t)
+                .map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}")))
+        })
+        .transpose()
     }
 }
 
@@ -180,7 +202,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let daemon = matches!(cli.command, Command::Coordinator(_) | Command::Agent(AgentArgs { command: None, .. }));
+    let daemon = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Agent(AgentArgs { command: None, .. })
+    );
     init_tracing(if daemon { "info" } else { "warn" });
     if let Err(error) = dispatch(cli).await {
         eprintln!("error: {error:#}");
@@ -192,14 +217,20 @@ async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Agent(args) => run_agent(args).await,
-        Command::Token { command: TokenCommand::Create { role, ttl }, api } => create_token(&api, role, ttl).await,
+        Command::Token {
+            command: TokenCommand::Create { role, ttl },
+            api,
+        } => create_token(&api, role, ttl).await,
         Command::Nodes { output, api } => list_nodes(&api, output).await,
+        Command::Demo { keep } => demo::run(keep).await,
     }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{what} {}: {}", path.display(), e.to_string().trim_end()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {}", path.display(), e.to_string().trim_end()))
 }
 
 async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
@@ -211,8 +242,14 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         .data_dir
         .or(file.data_dir)
         .context("no data dir: pass --data-dir DIR (or set data_dir in the config file)")?;
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:7443".parse().expect("literal"));
-    let http = args.http.or(file.http).unwrap_or_else(|| "127.0.0.1:7080".parse().expect("literal"));
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "0.0.0.0:7443".parse().expect("literal"));
+    let http = args
+        .http
+        .or(file.http)
+        .unwrap_or_else(|| "127.0.0.1:7080".parse().expect("literal"));
     let mut config = gantry_coordinator::CoordinatorConfig::new(data_dir.clone());
     if let Some(interval) = args.heartbeat_interval.or(file.heartbeat_interval) {
         config.heartbeat_interval = interval;
@@ -231,11 +268,17 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         );
     }
     if config.agent_cert_ttl < Duration::from_secs(3) {
-        bail!("--agent-cert-ttl must be at least 3s, got {:?}", config.agent_cert_ttl);
+        bail!(
+            "--agent-cert-ttl must be at least 3s, got {:?}",
+            config.agent_cert_ttl
+        );
     }
     if !gantry_coordinator::data_dir::is_initialized(&data_dir) {
         if !args.init {
-            bail!("data dir {} holds no cluster: pass --init to create one", data_dir.display());
+            bail!(
+                "data dir {} holds no cluster: pass --init to create one",
+                data_dir.display()
+            );
         }
         gantry_coordinator::data_dir::init(&data_dir)?;
         eprintln!(
@@ -245,8 +288,10 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         );
     }
     let listeners = gantry_coordinator::Listeners {
-        quic: std::net::UdpSocket::bind(listen).with_context(|| format!("bind QUIC address {listen}"))?,
-        http: std::net::TcpListener::bind(http).with_context(|| format!("bind HTTP address {http}"))?,
+        quic: std::net::UdpSocket::bind(listen)
+            .with_context(|| format!("bind QUIC address {listen}"))?,
+        http: std::net::TcpListener::bind(http)
+            .with_context(|| format!("bind HTTP address {http}"))?,
     };
     gantry_coordinator::run(config, listeners, shutdown_signal()).await
 }
@@ -254,13 +299,19 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
 async fn run_agent(args: AgentArgs) -> Result<()> {
     if let Some(AgentCommand::Fingerprint { config, data_dir }) = args.command {
         let config = load_agent_config(config.as_deref())?;
-        let data_dir = data_dir.or(config.data_dir.clone()).unwrap_or_else(|| PathBuf::from("."));
+        let data_dir = data_dir
+            .or(config.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("."));
         let register = gantry_agent::fingerprint(&config, &data_dir).await;
         println!("{}", serde_json::to_string_pretty(&register)?);
         return Ok(());
     }
     let config = load_agent_config(args.config.as_deref())?;
-    let coordinators = if args.coordinator.is_empty() { config.coordinators.clone() } else { args.coordinator };
+    let coordinators = if args.coordinator.is_empty() {
+        config.coordinators.clone()
+    } else {
+        args.coordinator
+    };
     let data_dir = args
         .data_dir
         .or(config.data_dir.clone())
@@ -279,7 +330,10 @@ fn load_agent_config(path: Option<&Path>) -> Result<gantry_agent::config::AgentC
 
 async fn create_token(api: &ApiArgs, role: String, ttl: Duration) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
-    let request = CreateTokenRequest { role, ttl_seconds: Some(ttl.as_secs().max(1)) };
+    let request = CreateTokenRequest {
+        role,
+        ttl_seconds: Some(ttl.as_secs().max(1)),
+    };
     let response: CreateTokenResponse = client.post("/v1/tokens", &request).await?;
     eprintln!(
         "join token for role {}, valid for {} (until unix time {}):",
@@ -321,13 +375,18 @@ async fn list_nodes(api: &ApiArgs, output: Output) -> Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["ID", "NAME", "SITE", "STATUS", "CPUS", "MEMORY", "GPUS", "RUNTIMES"], &rows);
+            print_table(
+                &[
+                    "ID", "NAME", "SITE", "STATUS", "CPUS", "MEMORY", "GPUS", "RUNTIMES",
+                ],
+                &rows,
+            );
         }
     }
     Ok(())
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -335,7 +394,11 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());

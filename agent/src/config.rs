@@ -95,17 +95,26 @@ impl Default for AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("read agent config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("agent config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("agent config {path}: field `{field}`: {reason}")]
-    Invalid { path: String, field: String, reason: String },
+    Invalid {
+        path: String,
+        field: String,
+        reason: String,
+    },
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -120,29 +129,49 @@ impl AgentConfig {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, reason: String| ConfigError::Invalid { path: origin.to_string(), field, reason };
+        let invalid = |field: String, reason: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            reason,
+        };
         if self.site.trim().is_empty() {
             return Err(invalid("site".into(), "must not be empty".into()));
         }
         if let Some(name) = &self.name {
             if name.trim().is_empty() {
-                return Err(invalid("name".into(), "must not be empty when given".into()));
+                return Err(invalid(
+                    "name".into(),
+                    "must not be empty when given".into(),
+                ));
             }
         }
-        for (field, cost) in [("cost_per_gpu_hour", self.cost_per_gpu_hour), ("cost_per_cpu_hour", self.cost_per_cpu_hour)] {
+        for (field, cost) in [
+            ("cost_per_gpu_hour", self.cost_per_gpu_hour),
+            ("cost_per_cpu_hour", self.cost_per_cpu_hour),
+        ] {
             if !cost.is_finite() || cost < 0.0 {
-                return Err(invalid(field.into(), format!("must be a non-negative number, got {cost}")));
+                return Err(invalid(
+                    field.into(),
+                    format!("must be a non-negative number, got {cost}"),
+                ));
             }
         }
         for (i, group) in self.gpus.iter().enumerate() {
             if group.model.trim().is_empty() {
-                return Err(invalid(format!("gpus[{i}].model"), "must not be empty".into()));
+                return Err(invalid(
+                    format!("gpus[{i}].model"),
+                    "must not be empty".into(),
+                ));
             }
-            parse_bytes(&group.memory).map_err(|reason| invalid(format!("gpus[{i}].memory"), reason))?;
+            parse_bytes(&group.memory)
+                .map_err(|reason| invalid(format!("gpus[{i}].memory"), reason))?;
             if group.count == 0 || group.count > DECLARED_GPUS_PER_GROUP_MAX {
                 return Err(invalid(
                     format!("gpus[{i}].count"),
-                    format!("must be between 1 and {DECLARED_GPUS_PER_GROUP_MAX}, got {}", group.count),
+                    format!(
+                        "must be between 1 and {DECLARED_GPUS_PER_GROUP_MAX}, got {}",
+                        group.count
+                    ),
                 ));
             }
         }
@@ -153,11 +182,13 @@ impl AgentConfig {
 /// Parses a size such as "80GiB", "512MiB", "16GB" or "1024" (bytes).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: expected a number and a unit such as \"80GiB\""))?;
+    let number: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a size: expected a number and a unit such as \"80GiB\"")
+    })?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" | "K" => 1_000,
@@ -168,7 +199,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "MiB" | "Mi" => 1 << 20,
         "GiB" | "Gi" => 1 << 30,
         "TiB" | "Ti" => 1 << 40,
-        other => return Err(format!("unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ))
+        }
     };
     let bytes = number * multiplier as f64;
     if !bytes.is_finite() || bytes <= 0.0 || bytes > u64::MAX as f64 {
@@ -221,10 +256,18 @@ mod tests {
             ("kind = \"edge\"", "unknown variant `edge`"),
             ("sit = \"x\"", "unknown field `sit`"),
             ("cost_per_gpu_hour = -1.0", "`cost_per_gpu_hour`"),
-            ("[[gpus]]\nmodel = \"A100\"\nmemory = \"80 parsecs\"", "`gpus[0].memory`"),
-            ("[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 0", "`gpus[0].count`"),
+            (
+                "[[gpus]]\nmodel = \"A100\"\nmemory = \"80 parsecs\"",
+                "`gpus[0].memory`",
+            ),
+            (
+                "[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 0",
+                "`gpus[0].count`",
+            ),
         ] {
-            let err = AgentConfig::parse(text, "agent.toml").unwrap_err().to_string();
+            let err = AgentConfig::parse(text, "agent.toml")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{text:?} gave {err}");
         }
     }

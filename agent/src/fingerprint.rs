@@ -90,14 +90,18 @@ pub fn gpus(config: &AgentConfig) -> Vec<Gpu> {
 
 /// Logical CPUs this process may use (honours affinity and the cgroup CPU quota).
 pub fn cpu_cores() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 /// Physical memory, or the cgroup's memory limit where that is lower.
 pub fn memory_bytes(system: &sysinfo::System) -> u64 {
     let total = system.total_memory();
     match system.cgroup_limits() {
-        Some(limits) if limits.total_memory > 0 && limits.total_memory < total => limits.total_memory,
+        Some(limits) if limits.total_memory > 0 && limits.total_memory < total => {
+            limits.total_memory
+        }
         _ => total,
     }
 }
@@ -145,18 +149,41 @@ mod tests {
         )
         .unwrap();
         let gpus = declared_gpus(&config);
-        let summary: Vec<(u32, &str, u64)> = gpus.iter().map(|g| (g.index, g.model.as_str(), g.memory_bytes)).collect();
-        assert_eq!(summary, vec![(0, "A100", 80 << 30), (1, "A100", 80 << 30), (2, "L4", 24 << 30)]);
-        assert!(gpus.iter().all(|g| g.source == GpuSource::Declared && g.uuid.is_none()));
+        let summary: Vec<(u32, &str, u64)> = gpus
+            .iter()
+            .map(|g| (g.index, g.model.as_str(), g.memory_bytes))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, "A100", 80 << 30),
+                (1, "A100", 80 << 30),
+                (2, "L4", 24 << 30)
+            ]
+        );
+        assert!(gpus
+            .iter()
+            .all(|g| g.source == GpuSource::Declared && g.uuid.is_none()));
     }
 
     #[test]
     fn the_local_node_matches_what_the_kernel_reports() {
         let dir = tempfile::tempdir().unwrap();
         let node = local_node(&AgentConfig::default(), dir.path());
-        assert_eq!(node.cpu_cores as usize, std::thread::available_parallelism().unwrap().get());
+        assert_eq!(
+            node.cpu_cores as usize,
+            std::thread::available_parallelism().unwrap().get()
+        );
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-        let kib: u64 = meminfo.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let kib: u64 = meminfo
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(node.memory_bytes <= kib * 1024 && node.memory_bytes > 0);
         assert!(node.disk_bytes > 0 && node.disk_free_bytes <= node.disk_bytes);
         assert_eq!(node.arch, std::env::consts::ARCH);

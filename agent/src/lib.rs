@@ -58,7 +58,11 @@ pub async fn fingerprint(config: &AgentConfig, data_dir: &std::path::Path) -> Re
     register_message(config, data_dir, &runtimes)
 }
 
-fn register_message(config: &AgentConfig, data_dir: &std::path::Path, runtimes: &[RuntimeReport]) -> Register {
+fn register_message(
+    config: &AgentConfig,
+    data_dir: &std::path::Path,
+    runtimes: &[RuntimeReport],
+) -> Register {
     Register {
         name: agent_name(config),
         software_version: env!("CARGO_PKG_VERSION").into(),
@@ -116,7 +120,10 @@ async fn credentials(options: &AgentOptions) -> Result<AgentCredentials> {
 
 /// Runs the agent until `shutdown` resolves. Errors are those a restart would not cure: a refused
 /// join, a missing or expired identity.
-pub async fn run(options: AgentOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    options: AgentOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     if options.coordinators.is_empty() {
         bail!("no coordinator address given: pass --coordinator HOST:PORT");
     }

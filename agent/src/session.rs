@@ -27,7 +27,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, attempt: 0 }
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -36,7 +40,10 @@ impl Backoff {
 
     /// The next delay; `random_fraction` in [0, 1) supplies the jitter.
     pub fn next_delay(&mut self, random_fraction: f64) -> Duration {
-        let ceiling = self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         ceiling.mul_f64(random_fraction.clamp(0.0, 1.0))
     }
@@ -51,7 +58,10 @@ pub struct SessionConfig {
 
 enum Outcome {
     /// The session ended; `welcomed` says whether it had been established.
-    Ended { welcomed: bool, reason: String },
+    Ended {
+        welcomed: bool,
+        reason: String,
+    },
     Redirect(String),
 }
 
@@ -71,8 +81,16 @@ async fn resolve(address: &str) -> Result<SocketAddr> {
 }
 
 impl Session {
-    pub fn new(config: SessionConfig, credentials: AgentCredentials, make_register: Box<dyn Fn() -> Register + Send>) -> Self {
-        Self { config, credentials, make_register }
+    pub fn new(
+        config: SessionConfig,
+        credentials: AgentCredentials,
+        make_register: Box<dyn Fn() -> Register + Send>,
+    ) -> Self {
+        Self {
+            config,
+            credentials,
+            make_register,
+        }
     }
 
     /// Runs until `shutdown` turns true. Returns an error only for conditions a restart cannot
@@ -93,7 +111,8 @@ impl Session {
             let target = match redirect.take() {
                 Some(leader) => leader,
                 None => {
-                    let target = self.config.coordinators[rotation % self.config.coordinators.len()].clone();
+                    let target =
+                        self.config.coordinators[rotation % self.config.coordinators.len()].clone();
                     rotation += 1;
                     target
                 }
@@ -133,7 +152,11 @@ impl Session {
         Ok(())
     }
 
-    async fn connect_and_serve(&mut self, target: &str, mut shutdown: watch::Receiver<bool>) -> Result<Outcome> {
+    async fn connect_and_serve(
+        &mut self,
+        target: &str,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<Outcome> {
         let addr = resolve(target).await?;
         let tls = tls::client_config(&self.credentials.tls, ALPN_AGENT)?;
         let client_config = transport::quinn_client_config(tls)?;
@@ -144,20 +167,37 @@ impl Session {
             .context("QUIC handshake timed out")?
             .context("QUIC handshake")?;
         let outcome = self.serve(&connection, &mut shutdown).await;
-        let reason: &[u8] = if *shutdown.borrow() { b"agent shutting down" } else { b"session over" };
+        let reason: &[u8] = if *shutdown.borrow() {
+            b"agent shutting down"
+        } else {
+            b"session over"
+        };
         connection.close(close_code::NORMAL.into(), reason);
         // Bounded: a vanished coordinator must not hold up a shutdown or a reconnect.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         outcome
     }
 
-    async fn serve(&mut self, connection: &quinn::Connection, shutdown: &mut watch::Receiver<bool>) -> Result<Outcome> {
-        let (mut send, mut recv, version) = transport::client_hello(connection, concat!("gantry-agent ", env!("CARGO_PKG_VERSION"))).await?;
-        send.send(&AgentMessage::Register((self.make_register)())).await?;
+    async fn serve(
+        &mut self,
+        connection: &quinn::Connection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome> {
+        let (mut send, mut recv, version) = transport::client_hello(
+            connection,
+            concat!("gantry-agent ", env!("CARGO_PKG_VERSION")),
+        )
+        .await?;
+        send.send(&AgentMessage::Register((self.make_register)()))
+            .await?;
         let welcome = match recv.expect::<CoordinatorMessage>().await? {
             CoordinatorMessage::Welcome(welcome) => welcome,
-            CoordinatorMessage::Redirect { leader_addr } => return Ok(Outcome::Redirect(leader_addr)),
-            CoordinatorMessage::Error(error) => bail!("coordinator refused the session: {}", error.message),
+            CoordinatorMessage::Redirect { leader_addr } => {
+                return Ok(Outcome::Redirect(leader_addr))
+            }
+            CoordinatorMessage::Error(error) => {
+                bail!("coordinator refused the session: {}", error.message)
+            }
             other => bail!("expected Welcome, got {other:?}"),
         };
         tracing::info!(
@@ -168,7 +208,9 @@ impl Session {
             ttl_ms = welcome.ttl_ms,
             "registered"
         );
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(100)));
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(
+            welcome.heartbeat_interval_ms.max(100),
+        ));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut pending_key: Option<rcgen::KeyPair> = None;
@@ -219,7 +261,6 @@ impl Session {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,9 +268,15 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_its_ceiling_and_resets() {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let ceilings: Vec<u128> = (0..8).map(|_| backoff.next_delay(0.999_999).as_millis()).collect();
+        let ceilings: Vec<u128> = (0..8)
+            .map(|_| backoff.next_delay(0.999_999).as_millis())
+            .collect();
         assert_eq!(ceilings, vec![199, 399, 799, 1599, 3199, 6399, 9999, 9999]);
-        assert_eq!(backoff.next_delay(0.0), Duration::ZERO, "full jitter reaches zero");
+        assert_eq!(
+            backoff.next_delay(0.0),
+            Duration::ZERO,
+            "full jitter reaches zero"
+        );
         backoff.reset();
         assert!(backoff.next_delay(0.999_999) < Duration::from_millis(200));
     }

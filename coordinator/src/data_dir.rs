@@ -62,11 +62,20 @@ pub fn init(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn issue_node_certificate(dir: &Path, ca: &ClusterCa, node_id: &str, now: SystemTime) -> Result<()> {
+fn issue_node_certificate(
+    dir: &Path,
+    ca: &ClusterCa,
+    node_id: &str,
+    now: SystemTime,
+) -> Result<()> {
     let (key, csr) = pki::generate_key_and_csr(node_id)?;
     let cert = ca.issue(&csr, Role::Coordinator, node_id, now, NODE_CERT_TTL)?;
     write_file_atomic(&path(dir, "node.key"), key.serialize_pem().as_bytes(), true)?;
-    write_file_atomic(&path(dir, "node.crt"), pki::der_to_pem(&cert, "CERTIFICATE").as_bytes(), false)?;
+    write_file_atomic(
+        &path(dir, "node.crt"),
+        pki::der_to_pem(&cert, "CERTIFICATE").as_bytes(),
+        false,
+    )?;
     Ok(())
 }
 
@@ -90,7 +99,10 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
     let mut cert_der = pki::pem_to_der(&read(dir, "node.crt")?, "CERTIFICATE")?;
     let now = SystemTime::now();
     let not_after = pki::parse_certificate(&cert_der)?.not_after_unix;
-    let now_unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let now_unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
     if not_after - now_unix < 30 * 24 * 3600 {
         issue_node_certificate(dir, &ca, &node_id, now)?;
         cert_der = pki::pem_to_der(&read(dir, "node.crt")?, "CERTIFICATE")?;
@@ -102,7 +114,13 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
         key_der: pki::private_key_der(&key),
     };
     let admin_token = read(dir, "admin.token")?.trim().to_string();
-    Ok(ClusterFiles { ca, cluster_key, node_id, credentials, admin_token })
+    Ok(ClusterFiles {
+        ca,
+        cluster_key,
+        node_id,
+        credentials,
+        admin_token,
+    })
 }
 
 #[cfg(test)]
@@ -118,11 +136,17 @@ mod tests {
         assert_eq!(first.ca.sha256_hex(), second.ca.sha256_hex());
         assert_eq!(first.admin_token, second.admin_token);
         assert_eq!(first.admin_token.len(), 64);
-        assert!(init(dir.path()).is_err(), "a second init must not replace the CA");
+        assert!(
+            init(dir.path()).is_err(),
+            "a second init must not replace the CA"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join("admin.token"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

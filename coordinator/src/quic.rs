@@ -6,9 +6,12 @@ use crate::server::{Event, Handle};
 use anyhow::Result;
 use gantry_protocol::pki::ClusterCa;
 use gantry_protocol::token::{JoinToken, TokenError};
-use gantry_protocol::transport::{self, close_code, server_hello, TransportError, ALPN_AGENT, ALPN_JOIN, ALPN_PEER};
+use gantry_protocol::transport::{
+    self, close_code, server_hello, TransportError, ALPN_AGENT, ALPN_JOIN, ALPN_PEER,
+};
 use gantry_protocol::{
-    AgentMessage, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse, Register, Role, WireError,
+    AgentMessage, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse, Register, Role,
+    WireError,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,7 +49,10 @@ impl QuicContext {
 }
 
 pub fn endpoint(files: &ClusterFiles, socket: std::net::UdpSocket) -> Result<quinn::Endpoint> {
-    let tls = gantry_protocol::tls::server_config(&files.credentials, &[ALPN_AGENT, ALPN_JOIN, ALPN_PEER])?;
+    let tls = gantry_protocol::tls::server_config(
+        &files.credentials,
+        &[ALPN_AGENT, ALPN_JOIN, ALPN_PEER],
+    )?;
     Ok(transport::server_endpoint(socket, tls)?)
 }
 
@@ -75,7 +81,10 @@ fn refuse(connection: &quinn::Connection, reason: &str) -> Result<(), String> {
     Err(reason.to_string())
 }
 
-async fn handle_connection(connection: &quinn::Connection, context: &QuicContext) -> Result<(), String> {
+async fn handle_connection(
+    connection: &quinn::Connection,
+    context: &QuicContext,
+) -> Result<(), String> {
     let alpn = transport::alpn_of(connection).unwrap_or_default();
     let identity = transport::peer_identity(connection);
     match alpn.as_slice() {
@@ -86,9 +95,15 @@ async fn handle_connection(connection: &quinn::Connection, context: &QuicContext
             }
             Some(identity) => refuse(
                 connection,
-                &format!("certificate of {} has role {}; an agent session needs an agent certificate", identity.identity, identity.role),
+                &format!(
+                    "certificate of {} has role {}; an agent session needs an agent certificate",
+                    identity.identity, identity.role
+                ),
             ),
-            None => refuse(connection, "an agent session needs a client certificate: join with a token first"),
+            None => refuse(
+                connection,
+                "an agent session needs a client certificate: join with a token first",
+            ),
         },
         ALPN_PEER => match identity {
             Some(identity) if identity.role == Role::Coordinator => refuse(
@@ -97,16 +112,28 @@ async fn handle_connection(connection: &quinn::Connection, context: &QuicContext
             ),
             Some(identity) => refuse(
                 connection,
-                &format!("certificate of {} has role {}: it cannot act as a coordinator", identity.identity, identity.role),
+                &format!(
+                    "certificate of {} has role {}: it cannot act as a coordinator",
+                    identity.identity, identity.role
+                ),
             ),
-            None => refuse(connection, "peer coordinators must present a coordinator certificate"),
+            None => refuse(
+                connection,
+                "peer coordinators must present a coordinator certificate",
+            ),
         },
-        other => refuse(connection, &format!("unknown ALPN {:?}", String::from_utf8_lossy(other))),
+        other => refuse(
+            connection,
+            &format!("unknown ALPN {:?}", String::from_utf8_lossy(other)),
+        ),
     }
 }
 
 fn now_unix_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 fn random_suffix() -> String {
@@ -122,7 +149,10 @@ fn refusal(error: &TokenError) -> WireError {
         TokenError::Expired { .. } => ErrorCode::TokenExpired,
         TokenError::WrongRole { .. } => ErrorCode::TokenWrongRole,
     };
-    WireError { code, message: error.to_string() }
+    WireError {
+        code,
+        message: error.to_string(),
+    }
 }
 
 async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(), String> {
@@ -139,11 +169,18 @@ async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(
             }
             Ok(()) if request.role == Role::Coordinator => JoinResponse::Refused(WireError {
                 code: ErrorCode::Internal,
-                message: "this coordinator runs as a single node; coordinators cannot join it yet".into(),
+                message: "this coordinator runs as a single node; coordinators cannot join it yet"
+                    .into(),
             }),
             Ok(()) => {
                 let identity = format!("agent-{}", random_suffix());
-                match context.ca.issue(&request.csr_der, Role::Agent, &identity, SystemTime::now(), context.agent_cert_ttl) {
+                match context.ca.issue(
+                    &request.csr_der,
+                    Role::Agent,
+                    &identity,
+                    SystemTime::now(),
+                    context.agent_cert_ttl,
+                ) {
                     Ok(cert) => {
                         tracing::info!(%remote, name = %request.name, %identity, "agent joined");
                         JoinResponse::Accepted {
@@ -179,20 +216,35 @@ fn validate_register(register: &Register) -> Result<(), String> {
         return Err("register.nodes is empty: an agent reports at least one node".into());
     }
     if register.nodes.len() > REGISTER_NODES_MAX {
-        return Err(format!("register.nodes has {} entries, over the limit of {REGISTER_NODES_MAX}", register.nodes.len()));
+        return Err(format!(
+            "register.nodes has {} entries, over the limit of {REGISTER_NODES_MAX}",
+            register.nodes.len()
+        ));
     }
     if register.labels.len() > REGISTER_LABELS_MAX {
-        return Err(format!("register.labels has {} entries, over the limit of {REGISTER_LABELS_MAX}", register.labels.len()));
+        return Err(format!(
+            "register.labels has {} entries, over the limit of {REGISTER_LABELS_MAX}",
+            register.labels.len()
+        ));
     }
-    for (field, cost) in [("cost_per_gpu_hour", register.cost_per_gpu_hour), ("cost_per_cpu_hour", register.cost_per_cpu_hour)] {
+    for (field, cost) in [
+        ("cost_per_gpu_hour", register.cost_per_gpu_hour),
+        ("cost_per_cpu_hour", register.cost_per_cpu_hour),
+    ] {
         if !cost.is_finite() || cost < 0.0 {
-            return Err(format!("register.{field} must be a finite, non-negative number, got {cost}"));
+            return Err(format!(
+                "register.{field} must be a finite, non-negative number, got {cost}"
+            ));
         }
     }
     Ok(())
 }
 
-async fn agent_session(connection: &quinn::Connection, context: &QuicContext, agent_id: String) -> Result<(), String> {
+async fn agent_session(
+    connection: &quinn::Connection,
+    context: &QuicContext,
+    agent_id: String,
+) -> Result<(), String> {
     let (mut send, mut recv, _version) = match server_hello(connection).await {
         Ok(opened) => opened,
         Err(TransportError::Refused(message)) => return refuse(connection, &message),
@@ -205,9 +257,13 @@ async fn agent_session(connection: &quinn::Connection, context: &QuicContext, ag
     };
     if let Err(reason) = validate_register(&register) {
         let _ = send
-            .send(&CoordinatorMessage::Error(WireError { code: ErrorCode::InvalidMessage, message: reason.clone() }))
+            .send(&CoordinatorMessage::Error(WireError {
+                code: ErrorCode::InvalidMessage,
+                message: reason.clone(),
+            }))
             .await;
-        send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT).await;
+        send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT)
+            .await;
         return refuse(connection, &reason);
     }
     let session_id = context.next_session_id.fetch_add(1, Ordering::Relaxed);
@@ -220,9 +276,17 @@ async fn agent_session(connection: &quinn::Connection, context: &QuicContext, ag
         outbox,
         reply,
     };
-    context.events.send(registered).await.map_err(|_| "coordinator is shutting down".to_string())?;
-    let welcome = welcome.await.map_err(|_| "coordinator is shutting down".to_string())?;
-    send.send(&CoordinatorMessage::Welcome(welcome)).await.map_err(|e| e.to_string())?;
+    context
+        .events
+        .send(registered)
+        .await
+        .map_err(|_| "coordinator is shutting down".to_string())?;
+    let welcome = welcome
+        .await
+        .map_err(|_| "coordinator is shutting down".to_string())?;
+    send.send(&CoordinatorMessage::Welcome(welcome))
+        .await
+        .map_err(|e| e.to_string())?;
 
     let outcome = loop {
         tokio::select! {
@@ -271,6 +335,12 @@ async fn agent_session(connection: &quinn::Connection, context: &QuicContext, ag
             },
         }
     };
-    let _ = context.events.send(Event::SessionEnded { agent_id, session_id }).await;
+    let _ = context
+        .events
+        .send(Event::SessionEnded {
+            agent_id,
+            session_id,
+        })
+        .await;
     outcome
 }

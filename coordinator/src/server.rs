@@ -52,9 +52,17 @@ pub enum Event {
         outbox: mpsc::Sender<CoordinatorMessage>,
         reply: oneshot::Sender<Welcome>,
     },
-    Heartbeat { agent_id: String, session_id: u64 },
-    SessionEnded { agent_id: String, session_id: u64 },
-    ListAgents { reply: oneshot::Sender<Vec<AgentView>> },
+    Heartbeat {
+        agent_id: String,
+        session_id: u64,
+    },
+    SessionEnded {
+        agent_id: String,
+        session_id: u64,
+    },
+    ListAgents {
+        reply: oneshot::Sender<Vec<AgentView>>,
+    },
 }
 
 pub type Handle = mpsc::Sender<Event>;
@@ -81,14 +89,24 @@ impl Coordinator {
     fn handle_event(&mut self, event: Event) {
         let now_ms = self.now_ms();
         match event {
-            Event::Registered { agent_id, register, session_id, outbox, reply } => {
+            Event::Registered {
+                agent_id,
+                register,
+                session_id,
+                outbox,
+                reply,
+            } => {
                 let ttl_ms = self.config.agent_ttl.as_millis() as u64;
                 if let Some(transition) = self.liveness.handle_register(&agent_id, ttl_ms, now_ms) {
                     tracing::info!(agent = %agent_id, name = %register.name, site = %register.site, status = ?transition.status, "agent registered");
                 }
                 self.agents.insert(
                     agent_id.clone(),
-                    AgentRecord { register: *register, session_id, _outbox: Some(outbox) },
+                    AgentRecord {
+                        register: *register,
+                        session_id,
+                        _outbox: Some(outbox),
+                    },
                 );
                 let _ = reply.send(Welcome {
                     agent_id,
@@ -96,15 +114,24 @@ impl Coordinator {
                     ttl_ms,
                 });
             }
-            Event::Heartbeat { agent_id, session_id } => {
-                let current = self.agents.get(&agent_id).is_some_and(|r| r.session_id == session_id);
+            Event::Heartbeat {
+                agent_id,
+                session_id,
+            } => {
+                let current = self
+                    .agents
+                    .get(&agent_id)
+                    .is_some_and(|r| r.session_id == session_id);
                 if current {
                     if let Some(transition) = self.liveness.handle_heartbeat(&agent_id, now_ms) {
                         tracing::info!(agent = %agent_id, status = ?transition.status, "agent is back");
                     }
                 }
             }
-            Event::SessionEnded { agent_id, session_id } => {
+            Event::SessionEnded {
+                agent_id,
+                session_id,
+            } => {
                 if let Some(record) = self.agents.get_mut(&agent_id) {
                     if record.session_id == session_id {
                         record._outbox = None;
@@ -139,7 +166,11 @@ impl Coordinator {
                     .nodes
                     .iter()
                     .map(|node| NodeView {
-                        id: if single { agent_id.clone() } else { format!("{agent_id}/{}", node.name) },
+                        id: if single {
+                            agent_id.clone()
+                        } else {
+                            format!("{agent_id}/{}", node.name)
+                        },
                         agent: agent_id.clone(),
                         name: register.name.clone(),
                         node: node.name.clone(),
@@ -172,11 +203,18 @@ impl Coordinator {
                                 .into(),
                             })
                             .collect(),
-                        runtimes: register.runtimes.iter().map(|r| r.kind.as_str().to_string()).collect(),
+                        runtimes: register
+                            .runtimes
+                            .iter()
+                            .map(|r| r.kind.as_str().to_string())
+                            .collect(),
                         runtime_details: register
                             .runtimes
                             .iter()
-                            .map(|r| RuntimeView { kind: r.kind.as_str().into(), detail: r.detail.clone() })
+                            .map(|r| RuntimeView {
+                                kind: r.kind.as_str().into(),
+                                detail: r.detail.clone(),
+                            })
                             .collect(),
                         labels: register.labels.clone(),
                         cost_per_gpu_hour: register.cost_per_gpu_hour,
@@ -208,20 +246,31 @@ pub async fn run(
     let http_addr = listeners.http.local_addr().context("read HTTP address")?;
     let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE_LEN_MAX);
 
-    let quic_context = Arc::new(quic::QuicContext::new(&files, events_tx.clone(), config.agent_cert_ttl));
+    let quic_context = Arc::new(quic::QuicContext::new(
+        &files,
+        events_tx.clone(),
+        config.agent_cert_ttl,
+    ));
     let endpoint = quic::endpoint(&files, listeners.quic)?;
     let quic_task = tokio::spawn(quic::serve(endpoint.clone(), quic_context));
 
     let api_state = Arc::new(api::ApiState {
         handle: events_tx.clone(),
-        admin_token_sha256: ring::digest::digest(&ring::digest::SHA256, files.admin_token.as_bytes())
-            .as_ref()
-            .to_vec(),
+        admin_token_sha256: ring::digest::digest(
+            &ring::digest::SHA256,
+            files.admin_token.as_bytes(),
+        )
+        .as_ref()
+        .to_vec(),
         cluster_key: files.cluster_key.clone(),
         ca_sha256_hex: files.ca.sha256_hex(),
     });
-    listeners.http.set_nonblocking(true).context("make the HTTP listener non-blocking")?;
-    let http_listener = tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
+    listeners
+        .http
+        .set_nonblocking(true)
+        .context("make the HTTP listener non-blocking")?;
+    let http_listener =
+        tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, api::router(api_state))
@@ -260,7 +309,10 @@ pub async fn run(
         }
     }
     tracing::info!("coordinator shutting down");
-    endpoint.close(gantry_protocol::transport::close_code::SHUTDOWN.into(), b"coordinator shutting down");
+    endpoint.close(
+        gantry_protocol::transport::close_code::SHUTDOWN.into(),
+        b"coordinator shutting down",
+    );
     let _ = http_stop_tx.send(());
     quic_task.abort();
     let _ = http_task.await;

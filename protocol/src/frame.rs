@@ -29,7 +29,10 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
         .map_err(|e| FrameError::Encode(e.to_string()))?;
     let len_bytes = out.len() - LENGTH_PREFIX_BYTES;
     if len_bytes > FRAME_BYTES_MAX {
-        return Err(FrameError::TooLarge { len_bytes, max_bytes: FRAME_BYTES_MAX });
+        return Err(FrameError::TooLarge {
+            len_bytes,
+            max_bytes: FRAME_BYTES_MAX,
+        });
     }
     out[..LENGTH_PREFIX_BYTES].copy_from_slice(&(len_bytes as u32).to_be_bytes());
     Ok(out)
@@ -44,7 +47,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 pub fn parse_length_prefix(prefix: [u8; 4], max_bytes: usize) -> Result<usize, FrameError> {
     let len_bytes = u32::from_be_bytes(prefix) as usize;
     if len_bytes > max_bytes {
-        return Err(FrameError::TooLarge { len_bytes, max_bytes });
+        return Err(FrameError::TooLarge {
+            len_bytes,
+            max_bytes,
+        });
     }
     Ok(len_bytes)
 }
@@ -64,7 +70,10 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max_bytes: usize) -> Self {
-        Self { buffer: Vec::new(), max_bytes }
+        Self {
+            buffer: Vec::new(),
+            max_bytes,
+        }
     }
 
     /// Bytes received and not yet returned as a frame.
@@ -122,7 +131,10 @@ mod tests {
         decoder.handle_bytes(&17u32.to_be_bytes());
         assert_eq!(
             decoder.poll_frame(),
-            Err(FrameError::TooLarge { len_bytes: 17, max_bytes: 16 })
+            Err(FrameError::TooLarge {
+                len_bytes: 17,
+                max_bytes: 16
+            })
         );
     }
 

@@ -116,8 +116,13 @@ pub enum AllocationPhase {
     Pending,
     Running,
     Succeeded,
-    Failed { exit_code: Option<i32>, reason: String },
-    Lost { reason: String },
+    Failed {
+        exit_code: Option<i32>,
+        reason: String,
+    },
+    Lost {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +157,9 @@ pub enum AgentMessage {
     AllocationState(AllocationStateReport),
     LogChunk(LogChunk),
     /// Asks for a fresh certificate for the same identity and a new key.
-    RenewCertificate { csr_der: Vec<u8> },
+    RenewCertificate {
+        csr_der: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,10 +210,14 @@ pub struct WireError {
 pub enum CoordinatorMessage {
     Welcome(Welcome),
     /// This coordinator is not the leader; connect to the one named.
-    Redirect { leader_addr: String },
+    Redirect {
+        leader_addr: String,
+    },
     Assign(Assign),
     Stop(Stop),
-    Certificate { cert_der: Vec<u8> },
+    Certificate {
+        cert_der: Vec<u8>,
+    },
     /// The coordinator is closing the session because of this.
     Error(WireError),
 }
@@ -233,7 +244,9 @@ impl std::str::FromStr for Role {
         match s {
             "agent" => Ok(Role::Agent),
             "coordinator" => Ok(Role::Coordinator),
-            other => Err(format!("unknown role {other:?}: expected agent or coordinator")),
+            other => Err(format!(
+                "unknown role {other:?}: expected agent or coordinator"
+            )),
         }
     }
 }
@@ -257,7 +270,11 @@ pub struct JoinRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JoinResponse {
-    Accepted { identity: String, cert_der: Vec<u8>, ca_der: Vec<u8> },
+    Accepted {
+        identity: String,
+        cert_der: Vec<u8>,
+        ca_der: Vec<u8>,
+    },
     Refused(WireError),
 }
 
@@ -322,7 +339,10 @@ mod tests {
     }
 
     fn fencing() -> FencingToken {
-        FencingToken { term: 3, index: 1042 }
+        FencingToken {
+            term: 3,
+            index: 1042,
+        }
     }
 
     #[test]
@@ -335,7 +355,10 @@ mod tests {
             cost_per_gpu_hour: 1.25,
             cost_per_cpu_hour: 0.02,
             labels: BTreeMap::from([("rack".into(), "r12".into())]),
-            runtimes: vec![RuntimeReport { kind: RuntimeKind::Docker, detail: "ping ok".into() }],
+            runtimes: vec![RuntimeReport {
+                kind: RuntimeKind::Docker,
+                detail: "ping ok".into(),
+            }],
             nodes: vec![node()],
         }));
         round_trip(AgentMessage::Heartbeat(Heartbeat { seq: u64::MAX }));
@@ -343,8 +366,13 @@ mod tests {
             AllocationPhase::Pending,
             AllocationPhase::Running,
             AllocationPhase::Succeeded,
-            AllocationPhase::Failed { exit_code: Some(137), reason: "OOM killed".into() },
-            AllocationPhase::Lost { reason: "agent restarted".into() },
+            AllocationPhase::Failed {
+                exit_code: Some(137),
+                reason: "OOM killed".into(),
+            },
+            AllocationPhase::Lost {
+                reason: "agent restarted".into(),
+            },
         ] {
             round_trip(AgentMessage::AllocationState(AllocationStateReport {
                 allocation_id: "a-1".into(),
@@ -359,7 +387,9 @@ mod tests {
             offset: 4096,
             data: b"epoch 1 loss 0.31\n".to_vec(),
         }));
-        round_trip(AgentMessage::RenewCertificate { csr_der: vec![0x30, 0x82, 1, 2] });
+        round_trip(AgentMessage::RenewCertificate {
+            csr_der: vec![0x30, 0x82, 1, 2],
+        });
     }
 
     #[test]
@@ -369,7 +399,9 @@ mod tests {
             heartbeat_interval_ms: 3000,
             ttl_ms: 15000,
         }));
-        round_trip(CoordinatorMessage::Redirect { leader_addr: "10.0.0.2:7443".into() });
+        round_trip(CoordinatorMessage::Redirect {
+            leader_addr: "10.0.0.2:7443".into(),
+        });
         round_trip(CoordinatorMessage::Assign(Assign {
             allocation_id: "a-1".into(),
             fencing: fencing(),
@@ -383,7 +415,9 @@ mod tests {
             fencing: fencing(),
             grace_period_ms: 10_000,
         }));
-        round_trip(CoordinatorMessage::Certificate { cert_der: vec![1, 2, 3] });
+        round_trip(CoordinatorMessage::Certificate {
+            cert_der: vec![1, 2, 3],
+        });
         round_trip(CoordinatorMessage::Error(WireError {
             code: ErrorCode::InvalidMessage,
             message: "register expected first".into(),
@@ -403,12 +437,21 @@ mod tests {
             cert_der: vec![1],
             ca_der: vec![2],
         });
-        for code in [ErrorCode::TokenInvalid, ErrorCode::TokenExpired, ErrorCode::TokenWrongRole] {
-            round_trip(JoinResponse::Refused(WireError { code, message: "no".into() }));
+        for code in [
+            ErrorCode::TokenInvalid,
+            ErrorCode::TokenExpired,
+            ErrorCode::TokenWrongRole,
+        ] {
+            round_trip(JoinResponse::Refused(WireError {
+                code,
+                message: "no".into(),
+            }));
         }
         round_trip(crate::Hello::current("gantry-agent 0.1.0"));
         round_trip(crate::HelloReply::Accepted { version: 1 });
-        round_trip(crate::HelloReply::Refused { message: "mismatch".into() });
+        round_trip(crate::HelloReply::Refused {
+            message: "mismatch".into(),
+        });
         round_trip(PeerEnvelope {
             from_node: 1,
             to_node: 2,

@@ -10,8 +10,7 @@
 use crate::messages::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::digest::{digest, SHA256};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -99,7 +98,10 @@ impl ClusterCa {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, format!("gantry cluster CA {cluster_name}"));
+        name.push(
+            DnType::CommonName,
+            format!("gantry cluster CA {cluster_name}"),
+        );
         name.push(DnType::OrganizationName, "gantry");
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -108,13 +110,19 @@ impl ClusterCa {
         params.not_after = offset_date_time(now + Duration::from_secs(10 * 365 * 24 * 3600));
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_der: cert.der().clone(), key })
+        Ok(Self {
+            cert_der: cert.der().clone(),
+            key,
+        })
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let cert_der = pem_to_der(cert_pem, "CERTIFICATE")?;
         let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::InvalidKey(e.to_string()))?;
-        Ok(Self { cert_der: CertificateDer::from(cert_der), key })
+        Ok(Self {
+            cert_der: CertificateDer::from(cert_der),
+            key,
+        })
     }
 
     pub fn cert_der(&self) -> &CertificateDer<'static> {
@@ -159,12 +167,15 @@ impl ClusterCa {
         match role {
             Role::Agent => {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-                params.subject_alt_names =
-                    vec![SanType::DnsName(format!("{identity}.agent.gantry").try_into()?)];
+                params.subject_alt_names = vec![SanType::DnsName(
+                    format!("{identity}.agent.gantry").try_into()?,
+                )];
             }
             Role::Coordinator => {
-                params.extended_key_usages =
-                    vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
                 params.subject_alt_names = vec![
                     SanType::DnsName(COORDINATOR_SERVER_NAME.try_into()?),
                     SanType::DnsName(format!("{identity}.coordinator.gantry").try_into()?),
@@ -220,7 +231,10 @@ pub fn pem_to_der(pem: &str, label: &str) -> Result<Vec<u8>, PkiError> {
         .find(&end)
         .ok_or_else(|| PkiError::InvalidCertificate(format!("no {end} line")))?
         + start;
-    let body: String = pem[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
+    let body: String = pem[start..stop]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|e| PkiError::InvalidCertificate(format!("bad base64 in PEM: {e}")))
@@ -255,7 +269,15 @@ mod tests {
         let now = SystemTime::now();
         let ca = ClusterCa::generate("test", now).unwrap();
         let (_key, csr) = generate_key_and_csr("ignored-name").unwrap();
-        let der = ca.issue(&csr, Role::Agent, "agent-1234", now, Duration::from_secs(3600)).unwrap();
+        let der = ca
+            .issue(
+                &csr,
+                Role::Agent,
+                "agent-1234",
+                now,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let identity = parse_certificate(&der).unwrap();
         assert_eq!(identity.role, Role::Agent);
         assert_eq!(identity.identity, "agent-1234");
@@ -270,7 +292,13 @@ mod tests {
         assert_eq!(again.sha256_hex(), ca.sha256_hex());
         let (_key, csr) = generate_key_and_csr("n").unwrap();
         again
-            .issue(&csr, Role::Coordinator, "c1", SystemTime::now(), Duration::from_secs(60))
+            .issue(
+                &csr,
+                Role::Coordinator,
+                "c1",
+                SystemTime::now(),
+                Duration::from_secs(60),
+            )
             .unwrap();
     }
 
@@ -278,7 +306,13 @@ mod tests {
     fn garbage_csr_is_refused() {
         let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
         let err = ca
-            .issue(b"not a csr", Role::Agent, "a", SystemTime::now(), Duration::from_secs(60))
+            .issue(
+                b"not a csr",
+                Role::Agent,
+                "a",
+                SystemTime::now(),
+                Duration::from_secs(60),
+            )
             .unwrap_err();
         assert!(matches!(err, PkiError::InvalidCsr(_)), "{err}");
     }

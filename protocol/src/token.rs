@@ -33,7 +33,10 @@ pub struct JoinToken {
 }
 
 fn signed_message(ca_sha256_hex: &str, role: Role, expires_unix_s: u64, nonce: &[u8]) -> String {
-    format!("{PREFIX}.{ca_sha256_hex}.{role}.{expires_unix_s}.{}", hex::encode(nonce))
+    format!(
+        "{PREFIX}.{ca_sha256_hex}.{role}.{expires_unix_s}.{}",
+        hex::encode(nonce)
+    )
 }
 
 impl JoinToken {
@@ -45,7 +48,13 @@ impl JoinToken {
         let key = hmac::Key::new(hmac::HMAC_SHA256, cluster_key);
         let message = signed_message(ca_sha256_hex, role, expires_unix_s, &nonce);
         let mac = hmac::sign(&key, message.as_bytes()).as_ref().to_vec();
-        Self { ca_sha256_hex: ca_sha256_hex.to_string(), role, expires_unix_s, nonce, mac }
+        Self {
+            ca_sha256_hex: ca_sha256_hex.to_string(),
+            role,
+            expires_unix_s,
+            nonce,
+            mac,
+        }
     }
 
     pub fn parse(text: &str) -> Result<Self, TokenError> {
@@ -72,15 +81,32 @@ impl JoinToken {
             .ok()
             .and_then(|bytes| bytes.try_into().ok())
             .ok_or_else(|| TokenError::Malformed("nonce is not 32 hex digits".into()))?;
-        let mac = hex::decode(mac).map_err(|_| TokenError::Malformed("secret is not hex".into()))?;
-        Ok(Self { ca_sha256_hex: ca.to_string(), role, expires_unix_s, nonce, mac })
+        let mac =
+            hex::decode(mac).map_err(|_| TokenError::Malformed("secret is not hex".into()))?;
+        Ok(Self {
+            ca_sha256_hex: ca.to_string(),
+            role,
+            expires_unix_s,
+            nonce,
+            mac,
+        })
     }
 
     /// Checks, in this order, that the cluster issued it, that it has not expired, and that it is
     /// for `wanted_role`.
-    pub fn verify(&self, cluster_key: &[u8], now_unix_s: u64, wanted_role: Role) -> Result<(), TokenError> {
+    pub fn verify(
+        &self,
+        cluster_key: &[u8],
+        now_unix_s: u64,
+        wanted_role: Role,
+    ) -> Result<(), TokenError> {
         let key = hmac::Key::new(hmac::HMAC_SHA256, cluster_key);
-        let message = signed_message(&self.ca_sha256_hex, self.role, self.expires_unix_s, &self.nonce);
+        let message = signed_message(
+            &self.ca_sha256_hex,
+            self.role,
+            self.expires_unix_s,
+            &self.nonce,
+        );
         hmac::verify(&key, message.as_bytes(), &self.mac).map_err(|_| TokenError::BadSignature)?;
         if now_unix_s >= self.expires_unix_s {
             return Err(TokenError::Expired {
@@ -89,7 +115,10 @@ impl JoinToken {
             });
         }
         if self.role != wanted_role {
-            return Err(TokenError::WrongRole { token_role: self.role, wanted_role });
+            return Err(TokenError::WrongRole {
+                token_role: self.role,
+                wanted_role,
+            });
         }
         Ok(())
     }
@@ -97,7 +126,12 @@ impl JoinToken {
 
 impl std::fmt::Display for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let message = signed_message(&self.ca_sha256_hex, self.role, self.expires_unix_s, &self.nonce);
+        let message = signed_message(
+            &self.ca_sha256_hex,
+            self.role,
+            self.expires_unix_s,
+            &self.nonce,
+        );
         write!(f, "{message}.{}", hex::encode(&self.mac))
     }
 }
@@ -119,23 +153,37 @@ mod tests {
     #[test]
     fn each_refusal_says_which() {
         let token = JoinToken::mint(b"key", CA, Role::Agent, 2_000);
-        assert_eq!(token.verify(b"other", 1_000, Role::Agent), Err(TokenError::BadSignature));
+        assert_eq!(
+            token.verify(b"other", 1_000, Role::Agent),
+            Err(TokenError::BadSignature)
+        );
         assert_eq!(
             token.verify(b"key", 2_010, Role::Agent),
-            Err(TokenError::Expired { expired_unix_s: 2_000, ago_s: 10 })
+            Err(TokenError::Expired {
+                expired_unix_s: 2_000,
+                ago_s: 10
+            })
         );
         assert_eq!(
             token.verify(b"key", 1_000, Role::Coordinator),
-            Err(TokenError::WrongRole { token_role: Role::Agent, wanted_role: Role::Coordinator })
+            Err(TokenError::WrongRole {
+                token_role: Role::Agent,
+                wanted_role: Role::Coordinator
+            })
         );
     }
 
     #[test]
     fn tampering_with_any_field_breaks_the_signature() {
         let text = JoinToken::mint(b"key", CA, Role::Agent, 2_000).to_string();
-        let tampered = text.replace(".agent.", ".coordinator.").replace(".2000.", ".9999.");
+        let tampered = text
+            .replace(".agent.", ".coordinator.")
+            .replace(".2000.", ".9999.");
         let parsed = JoinToken::parse(&tampered).unwrap();
-        assert_eq!(parsed.verify(b"key", 1_000, Role::Coordinator), Err(TokenError::BadSignature));
+        assert_eq!(
+            parsed.verify(b"key", 1_000, Role::Coordinator),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

@@ -90,7 +90,9 @@ pub fn client_endpoint(remote: SocketAddr) -> Result<quinn::Endpoint, TransportE
     Ok(quinn::Endpoint::client(bind)?)
 }
 
-pub fn quinn_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
+pub fn quinn_client_config(
+    tls: rustls::ClientConfig,
+) -> Result<quinn::ClientConfig, TransportError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config());
@@ -108,7 +110,10 @@ pub fn alpn_of(connection: &quinn::Connection) -> Option<Vec<u8>> {
 
 /// The role and identity in the certificate the peer presented, if it presented one.
 pub fn peer_identity(connection: &quinn::Connection) -> Option<CertIdentity> {
-    let chain = connection.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     parse_certificate(chain.first()?.as_ref()).ok()
 }
 
@@ -154,7 +159,10 @@ pub struct FramedRecv {
 
 impl FramedRecv {
     pub fn new(stream: quinn::RecvStream) -> Self {
-        Self { stream, max_bytes: FRAME_BYTES_MAX }
+        Self {
+            stream,
+            max_bytes: FRAME_BYTES_MAX,
+        }
     }
 
     /// The next message, or `None` when the peer finished the stream between frames.

@@ -57,13 +57,23 @@ mod tests {
     use super::*;
 
     fn hello(min: u16, max: u16) -> Hello {
-        Hello { version_min: min, version_max: max, software: "gantry-agent 9".into() }
+        Hello {
+            version_min: min,
+            version_max: max,
+            software: "gantry-agent 9".into(),
+        }
     }
 
     #[test]
     fn picks_the_highest_common_version() {
-        assert_eq!(negotiate(&hello(1, 3), 1, 2), HelloReply::Accepted { version: 2 });
-        assert_eq!(negotiate(&hello(2, 2), 1, 2), HelloReply::Accepted { version: 2 });
+        assert_eq!(
+            negotiate(&hello(1, 3), 1, 2),
+            HelloReply::Accepted { version: 2 }
+        );
+        assert_eq!(
+            negotiate(&hello(2, 2), 1, 2),
+            HelloReply::Accepted { version: 2 }
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -37,12 +40,26 @@ pub struct Api {
 
 impl Api {
     pub fn new(http_addr: SocketAddr, token: String) -> Self {
-        Self { base: format!("http://{http_addr}"), token, http: reqwest::Client::new() }
+        Self {
+            base: format!("http://{http_addr}"),
+            token,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn nodes(&self) -> Vec<NodeView> {
-        let response = self.http.get(format!("{}/v1/nodes", self.base)).bearer_auth(&self.token).send().await.unwrap();
-        assert!(response.status().is_success(), "GET /v1/nodes: {}", response.status());
+        let response = self
+            .http
+            .get(format!("{}/v1/nodes", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET /v1/nodes: {}",
+            response.status()
+        );
         response.json().await.unwrap()
     }
 
@@ -61,13 +78,22 @@ impl Api {
 
     /// The node with this agent id, if listed.
     pub async fn node(&self, agent_id: &str) -> Option<NodeView> {
-        self.nodes().await.into_iter().find(|node| node.agent == agent_id)
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|node| node.agent == agent_id)
     }
 
     pub async fn wait_status(&self, agent_id: &str, status: &str, timeout: Duration) -> NodeView {
-        eventually(&format!("agent {agent_id} to be {status}"), timeout, || async {
-            self.node(agent_id).await.filter(|node| node.status == status)
-        })
+        eventually(
+            &format!("agent {agent_id} to be {status}"),
+            timeout,
+            || async {
+                self.node(agent_id)
+                    .await
+                    .filter(|node| node.status == status)
+            },
+        )
         .await
     }
 }
@@ -87,7 +113,9 @@ impl InProcessCoordinator {
         Self::start_with(|_| {}).await
     }
 
-    pub async fn start_with(adjust: impl FnOnce(&mut gantry_coordinator::CoordinatorConfig)) -> Self {
+    pub async fn start_with(
+        adjust: impl FnOnce(&mut gantry_coordinator::CoordinatorConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         gantry_coordinator::data_dir::init(dir.path()).unwrap();
         let mut config = gantry_coordinator::CoordinatorConfig::new(dir.path().to_path_buf());
@@ -107,12 +135,29 @@ impl InProcessCoordinator {
         let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
         let api = Api::new(http_addr, token);
         let client = reqwest::Client::new();
-        eventually("coordinator HTTP to answer", Duration::from_secs(10), || {
-            let client = client.clone();
-            async move { client.get(format!("http://{http_addr}/healthz")).send().await.ok() }
-        })
+        eventually(
+            "coordinator HTTP to answer",
+            Duration::from_secs(10),
+            || {
+                let client = client.clone();
+                async move {
+                    client
+                        .get(format!("http://{http_addr}/healthz"))
+                        .send()
+                        .await
+                        .ok()
+                }
+            },
+        )
         .await;
-        Self { dir, quic_addr, http_addr, api, stop: Some(stop), task: Some(task) }
+        Self {
+            dir,
+            quic_addr,
+            http_addr,
+            api,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub async fn stop(mut self) {
@@ -129,9 +174,19 @@ pub struct InProcessAgent {
 }
 
 impl InProcessAgent {
-    pub fn start(coordinator: SocketAddr, data_dir: &Path, token: Option<String>, config_toml: &str) -> Self {
-        let config = gantry_agent::config::AgentConfig::parse(config_toml, "test agent config").unwrap();
-        let mut options = gantry_agent::AgentOptions::new(vec![coordinator.to_string()], data_dir.to_path_buf(), config);
+    pub fn start(
+        coordinator: SocketAddr,
+        data_dir: &Path,
+        token: Option<String>,
+        config_toml: &str,
+    ) -> Self {
+        let config =
+            gantry_agent::config::AgentConfig::parse(config_toml, "test agent config").unwrap();
+        let mut options = gantry_agent::AgentOptions::new(
+            vec![coordinator.to_string()],
+            data_dir.to_path_buf(),
+            config,
+        );
         options.join_token = token;
         options.backoff_initial = Duration::from_millis(50);
         options.backoff_max = Duration::from_millis(500);
@@ -139,16 +194,29 @@ impl InProcessAgent {
         let task = tokio::spawn(gantry_agent::run(options, async {
             let _ = stopped.await;
         }));
-        Self { data_dir: data_dir.to_path_buf(), stop: Some(stop), task }
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            stop: Some(stop),
+            task,
+        }
     }
 
     /// The id in the certificate the agent stored after joining.
     pub async fn wait_id(&self) -> String {
         let dir = self.data_dir.clone();
-        eventually("agent to store its certificate", Duration::from_secs(10), || {
-            let dir = dir.clone();
-            async move { gantry_agent::credentials::AgentCredentials::load(&dir).ok().flatten().map(|c| c.agent_id) }
-        })
+        eventually(
+            "agent to store its certificate",
+            Duration::from_secs(10),
+            || {
+                let dir = dir.clone();
+                async move {
+                    gantry_agent::credentials::AgentCredentials::load(&dir)
+                        .ok()
+                        .flatten()
+                        .map(|c| c.agent_id)
+                }
+            },
+        )
         .await
     }
 
@@ -186,9 +254,17 @@ pub fn spawn_logged(mut command: Command, log: &Path) -> ChildGuard {
 
 /// A free loopback port for a protocol (bound then released; the race is acceptable in tests).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

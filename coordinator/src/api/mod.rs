@@ -38,7 +38,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, detail: ErrorDetail { code: code.into(), message: message.into(), field: None } }
+        Self {
+            status,
+            detail: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+                field: None,
+            },
+        }
     }
 
     pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
@@ -48,7 +55,11 @@ impl ApiError {
     }
 
     fn unavailable() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the coordinator is shutting down")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the coordinator is shutting down",
+        )
     }
 }
 
@@ -80,7 +91,11 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn require_token(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -95,26 +110,42 @@ async fn require_token(State(state): State<Arc<ApiState>>, request: Request, nex
         .into_response();
     };
     // Comparing digests keeps the comparison's timing independent of the secret.
-    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice() {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token is not valid for this cluster")
-            .into_response();
+    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice()
+    {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "bearer token is not valid for this cluster",
+        )
+        .into_response();
     }
     next.run(request).await
 }
 
-async fn query<T>(state: &ApiState, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, ApiError> {
+async fn query<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Event,
+) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
-    state.handle.send(make(reply)).await.map_err(|_| ApiError::unavailable())?;
+    state
+        .handle
+        .send(make(reply))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
     answer.await.map_err(|_| ApiError::unavailable())
 }
 
 async fn list_agents(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    Ok(Json(query(&state, |reply| Event::ListAgents { reply }).await?))
+    Ok(Json(
+        query(&state, |reply| Event::ListAgents { reply }).await?,
+    ))
 }
 
 async fn list_nodes(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>, ApiError> {
     let agents = query(&state, |reply| Event::ListAgents { reply }).await?;
-    Ok(Json(agents.into_iter().flat_map(|agent| agent.nodes).collect()))
+    Ok(Json(
+        agents.into_iter().flat_map(|agent| agent.nodes).collect(),
+    ))
 }
 
 async fn create_token(
@@ -124,7 +155,10 @@ async fn create_token(
     let Json(request) = body.map_err(|rejection| {
         ApiError::new(rejection.status(), "invalid_request", rejection.body_text())
     })?;
-    let role: Role = request.role.parse().map_err(|e: String| ApiError::invalid_field("role", e))?;
+    let role: Role = request
+        .role
+        .parse()
+        .map_err(|e: String| ApiError::invalid_field("role", e))?;
     let ttl_seconds = request.ttl_seconds.unwrap_or(TOKEN_TTL_SECONDS_DEFAULT);
     if ttl_seconds == 0 || ttl_seconds > TOKEN_TTL_SECONDS_MAX {
         return Err(ApiError::invalid_field(
@@ -132,12 +166,24 @@ async fn create_token(
             format!("must be between 1 and {TOKEN_TTL_SECONDS_MAX} (30 days), got {ttl_seconds}"),
         ));
     }
-    let now_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let expires_at_unix_s = now_unix_s + ttl_seconds;
-    let token = JoinToken::mint(&state.cluster_key, &state.ca_sha256_hex, role, expires_at_unix_s);
+    let token = JoinToken::mint(
+        &state.cluster_key,
+        &state.ca_sha256_hex,
+        role,
+        expires_at_unix_s,
+    );
     tracing::info!(%role, ttl_seconds, "join token created");
     Ok((
         StatusCode::CREATED,
-        Json(CreateTokenResponse { token: token.to_string(), role: role.to_string(), expires_at_unix_s }),
+        Json(CreateTokenResponse {
+            token: token.to_string(),
+            role: role.to_string(),
+            expires_at_unix_s,
+        }),
     ))
 }

@@ -43,7 +43,9 @@ impl LivenessTracker {
 
     /// Milliseconds since the agent was last heard from.
     pub fn silence_ms(&self, agent_id: &str, now_ms: u64) -> Option<u64> {
-        self.agents.get(agent_id).map(|entry| now_ms.saturating_sub(entry.last_heard_ms))
+        self.agents
+            .get(agent_id)
+            .map(|entry| now_ms.saturating_sub(entry.last_heard_ms))
     }
 
     pub fn len(&self) -> usize {
@@ -55,14 +57,27 @@ impl LivenessTracker {
     }
 
     /// An agent (re)registered. Returns its transition to `ready` if it was not already.
-    pub fn handle_register(&mut self, agent_id: &str, ttl_ms: u64, now_ms: u64) -> Option<Transition> {
+    pub fn handle_register(
+        &mut self,
+        agent_id: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Option<Transition> {
         let previous = self.agents.insert(
             agent_id.to_string(),
-            Entry { last_heard_ms: now_ms, ttl_ms, status: AgentStatus::Ready },
+            Entry {
+                last_heard_ms: now_ms,
+                ttl_ms,
+                status: AgentStatus::Ready,
+            },
         );
         match previous {
             Some(entry) if entry.status == AgentStatus::Ready => None,
-            _ => Some(Transition { agent_id: agent_id.to_string(), status: AgentStatus::Ready, at_ms: now_ms }),
+            _ => Some(Transition {
+                agent_id: agent_id.to_string(),
+                status: AgentStatus::Ready,
+                at_ms: now_ms,
+            }),
         }
     }
 
@@ -72,7 +87,11 @@ impl LivenessTracker {
         entry.last_heard_ms = entry.last_heard_ms.max(now_ms);
         if entry.status == AgentStatus::Down {
             entry.status = AgentStatus::Ready;
-            return Some(Transition { agent_id: agent_id.to_string(), status: AgentStatus::Ready, at_ms: now_ms });
+            return Some(Transition {
+                agent_id: agent_id.to_string(),
+                status: AgentStatus::Ready,
+                at_ms: now_ms,
+            });
         }
         None
     }
@@ -81,9 +100,15 @@ impl LivenessTracker {
     pub fn poll_transitions(&mut self, now_ms: u64) -> Vec<Transition> {
         let mut transitions = Vec::new();
         for (agent_id, entry) in &mut self.agents {
-            if entry.status == AgentStatus::Ready && now_ms.saturating_sub(entry.last_heard_ms) > entry.ttl_ms {
+            if entry.status == AgentStatus::Ready
+                && now_ms.saturating_sub(entry.last_heard_ms) > entry.ttl_ms
+            {
                 entry.status = AgentStatus::Down;
-                transitions.push(Transition { agent_id: agent_id.clone(), status: AgentStatus::Down, at_ms: now_ms });
+                transitions.push(Transition {
+                    agent_id: agent_id.clone(),
+                    status: AgentStatus::Down,
+                    at_ms: now_ms,
+                });
             }
         }
         transitions
@@ -112,16 +137,28 @@ mod tests {
     use super::*;
 
     fn ids(transitions: &[Transition]) -> Vec<(&str, AgentStatus)> {
-        transitions.iter().map(|t| (t.agent_id.as_str(), t.status)).collect()
+        transitions
+            .iter()
+            .map(|t| (t.agent_id.as_str(), t.status))
+            .collect()
     }
 
     #[test]
     fn silent_past_ttl_is_down_and_a_heartbeat_brings_it_back() {
         let mut tracker = LivenessTracker::new();
         assert!(tracker.handle_register("a", 15_000, 0).is_some());
-        assert!(tracker.poll_transitions(15_000).is_empty(), "exactly at the TTL is still ready");
-        assert_eq!(ids(&tracker.poll_transitions(15_001)), vec![("a", AgentStatus::Down)]);
-        assert!(tracker.poll_transitions(20_000).is_empty(), "down is reported once");
+        assert!(
+            tracker.poll_transitions(15_000).is_empty(),
+            "exactly at the TTL is still ready"
+        );
+        assert_eq!(
+            ids(&tracker.poll_transitions(15_001)),
+            vec![("a", AgentStatus::Down)]
+        );
+        assert!(
+            tracker.poll_transitions(20_000).is_empty(),
+            "down is reported once"
+        );
         let back = tracker.handle_heartbeat("a", 21_000).unwrap();
         assert_eq!(back.status, AgentStatus::Ready);
         assert_eq!(tracker.status("a"), Some(AgentStatus::Ready));
@@ -145,7 +182,11 @@ mod tests {
         }
         assert_eq!(
             ids(&tracker.poll_transitions(11)),
-            vec![("a", AgentStatus::Down), ("b", AgentStatus::Down), ("c", AgentStatus::Down)]
+            vec![
+                ("a", AgentStatus::Down),
+                ("b", AgentStatus::Down),
+                ("c", AgentStatus::Down)
+            ]
         );
     }
 
