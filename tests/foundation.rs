@@ -463,3 +463,79 @@ async fn agents_renew_their_certificates_before_they_expire() {
     restarted.stop().await;
     coordinator.stop().await;
 }
+
+/// Stands in for a follower coordinator (a real coordinator certificate from the cluster's CA):
+/// it answers every agent session with a redirect to `leader`.
+async fn redirecting_coordinator(coordinator: &InProcessCoordinator, leader: String) -> SocketAddr {
+    let files = gantry_coordinator::data_dir::load(coordinator.dir.path()).unwrap();
+    let (key, csr) = pki::generate_key_and_csr("follower").unwrap();
+    let cert = files
+        .ca
+        .issue(
+            &csr,
+            Role::Coordinator,
+            "coordinator-follower",
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let credentials = NodeCredentials {
+        ca_der: files.ca.cert_der().clone(),
+        cert_der: cert,
+        key_der: pki::private_key_der(&key),
+    };
+    let endpoint = transport::server_endpoint(
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        tls::server_config(&credentials, &[ALPN_AGENT]).unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                let connection = incoming.await.ok()?;
+                let (mut send, mut recv, _) = transport::server_hello(&connection).await.ok()?;
+                let _register: AgentMessage = recv.expect().await.ok()?;
+                send.send(&CoordinatorMessage::Redirect {
+                    leader_addr: leader,
+                })
+                .await
+                .ok()?;
+                send.finish_and_flush(Duration::from_secs(2)).await;
+                Some(())
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn agents_follow_redirects_and_try_each_coordinator_in_turn() {
+    let coordinator = InProcessCoordinator::start().await;
+    let follower = redirecting_coordinator(&coordinator, coordinator.quic_addr.to_string()).await;
+
+    let (redirected_dir, redirected) = join_probe(&coordinator).await;
+    let agent =
+        InProcessAgent::start_with(vec![follower.to_string()], redirected_dir.path(), None, "");
+    coordinator
+        .api
+        .wait_status(&redirected.agent_id, "ready", Duration::from_secs(10))
+        .await;
+    agent.stop().await;
+
+    // The first address never answers (a socket that reads nothing); the agent moves on.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (rotating_dir, rotating) = join_probe(&coordinator).await;
+    let addresses = vec![
+        silent.local_addr().unwrap().to_string(),
+        coordinator.quic_addr.to_string(),
+    ];
+    let agent = InProcessAgent::start_with(addresses, rotating_dir.path(), None, "");
+    coordinator
+        .api
+        .wait_status(&rotating.agent_id, "ready", Duration::from_secs(20))
+        .await;
+    agent.stop().await;
+    coordinator.stop().await;
+}

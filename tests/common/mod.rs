@@ -180,13 +180,19 @@ impl InProcessAgent {
         token: Option<String>,
         config_toml: &str,
     ) -> Self {
+        Self::start_with(vec![coordinator.to_string()], data_dir, token, config_toml)
+    }
+
+    pub fn start_with(
+        coordinators: Vec<String>,
+        data_dir: &Path,
+        token: Option<String>,
+        config_toml: &str,
+    ) -> Self {
         let config =
             gantry_agent::config::AgentConfig::parse(config_toml, "test agent config").unwrap();
-        let mut options = gantry_agent::AgentOptions::new(
-            vec![coordinator.to_string()],
-            data_dir.to_path_buf(),
-            config,
-        );
+        let mut options =
+            gantry_agent::AgentOptions::new(coordinators, data_dir.to_path_buf(), config);
         options.join_token = token;
         options.backoff_initial = Duration::from_millis(50);
         options.backoff_max = Duration::from_millis(500);
