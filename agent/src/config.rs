@@ -20,6 +20,7 @@
 //! count = 4
 //! ```
 
+use gantry_protocol::units::parse_bytes;
 use gantry_protocol::SiteKind;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -179,39 +180,6 @@ impl AgentConfig {
     }
 }
 
-/// Parses a size such as "80GiB", "512MiB", "16GB" or "1024" (bytes).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a size: expected a number and a unit such as \"80GiB\"")
-    })?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" | "K" => 1_000,
-        "MB" | "M" => 1_000_000,
-        "GB" | "G" => 1_000_000_000,
-        "TB" | "T" => 1_000_000_000_000,
-        "KiB" | "Ki" => 1 << 10,
-        "MiB" | "Mi" => 1 << 20,
-        "GiB" | "Gi" => 1 << 30,
-        "TiB" | "Ti" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
-            ))
-        }
-    };
-    let bytes = number * multiplier as f64;
-    if !bytes.is_finite() || bytes <= 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{text:?} is not a positive size"));
-    }
-    Ok(bytes as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,15 +238,5 @@ mod tests {
                 .to_string();
             assert!(err.contains(needle), "{text:?} gave {err}");
         }
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_and_decimal_units() {
-        assert_eq!(parse_bytes("80GiB"), Ok(80 << 30));
-        assert_eq!(parse_bytes("16GB"), Ok(16_000_000_000));
-        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("0GiB").is_err());
-        assert!(parse_bytes("GiB").is_err());
     }
 }

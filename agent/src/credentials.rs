@@ -201,6 +201,7 @@ async fn join_one(
             role: Role::Agent,
             name: name.to_string(),
             csr_der,
+            coordinator: None,
         })
         .await?;
         recv.expect::<JoinResponse>().await
@@ -223,6 +224,9 @@ async fn join_one(
             }
             tracing::info!(%identity, coordinator = %addr, "joined the cluster");
             Ok((ca_der, cert_der, key.serialize_pem()))
+        }
+        Ok(JoinResponse::AcceptedCoordinator(_)) | Ok(JoinResponse::Redirect { .. }) => {
+            Err(unreachable(&"the coordinator answered an agent's join as if it were a coordinator's"))
         }
         Ok(JoinResponse::Refused(error)) => Err(JoinError::Refused {
             code: error.code,

@@ -4,7 +4,8 @@
 //! NVML is `dlopen`ed when the agent starts; a host without the NVIDIA driver simply has no NVML
 //! GPUs. Declared GPUs stand in where NVML is absent.
 
-use crate::config::{parse_bytes, AgentConfig};
+use crate::config::AgentConfig;
+use gantry_protocol::units::parse_bytes;
 use gantry_protocol::{Gpu, GpuSource, NodeCapacity};
 use std::path::Path;
 

@@ -5,7 +5,9 @@
 //! - `ca.crt`, `ca.key`: the cluster CA;
 //! - `cluster.key`: 32 random bytes, hex; keys the HMAC of join tokens;
 //! - `node.crt`, `node.key`: this coordinator's certificate (role coordinator) and key;
-//! - `admin.token`: the bearer token with every right on the HTTP API.
+//! - `admin.token`: the bearer token with every right on the HTTP API;
+//! - `node.id`: this coordinator's Raft node id;
+//! - `raft.redb`: the Raft log, hard state and snapshots.
 
 use anyhow::{bail, Context, Result};
 use gantry_protocol::pki::{self, write_file_atomic, ClusterCa};
@@ -22,13 +24,32 @@ const NODE_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct ClusterFiles {
     pub ca: ClusterCa,
     pub cluster_key: Vec<u8>,
-    pub node_id: String,
+    /// This coordinator's Raft node id (random, non-zero, chosen at init or join).
+    pub node_id: u64,
     pub credentials: NodeCredentials,
     pub admin_token: String,
 }
 
 fn path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// The name in a coordinator's certificate.
+pub fn coordinator_identity(node_id: u64) -> String {
+    format!("coordinator-{node_id:016x}")
+}
+
+pub fn raft_db_path(dir: &Path) -> PathBuf {
+    dir.join("raft.redb")
+}
+
+/// A random non-zero node id.
+pub fn new_node_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
+    // 52 bits: the id stays exact in JSON read by JavaScript.
+    (u64::from_be_bytes(bytes) >> 12).max(1)
 }
 
 fn random_hex(n_bytes: usize) -> String {
@@ -54,22 +75,40 @@ pub fn init(dir: &Path) -> Result<()> {
     write_file_atomic(&path(dir, "ca.key"), ca.key_pem().as_bytes(), true)?;
     write_file_atomic(&path(dir, "cluster.key"), random_hex(32).as_bytes(), true)?;
     write_file_atomic(&path(dir, "admin.token"), random_hex(32).as_bytes(), true)?;
-    let node_id = format!("coordinator-{}", random_hex(4));
-    write_file_atomic(&path(dir, "node.id"), node_id.as_bytes(), false)?;
-    issue_node_certificate(dir, &ca, &node_id, now)?;
+    let node_id = new_node_id();
+    write_file_atomic(&path(dir, "node.id"), node_id.to_string().as_bytes(), false)?;
+    issue_node_certificate(dir, &ca, node_id, now)?;
     // The CA certificate is written last: its presence marks a complete initialisation.
     write_file_atomic(&path(dir, "ca.crt"), ca.cert_pem().as_bytes(), false)?;
     Ok(())
 }
 
-fn issue_node_certificate(
+/// Writes what a coordinator receives when it joins an existing cluster. The CA certificate is
+/// written last, as in [`init`].
+pub fn write_joined(
     dir: &Path,
-    ca: &ClusterCa,
-    node_id: &str,
-    now: SystemTime,
+    node_id: u64,
+    grant: &gantry_protocol::CoordinatorGrant,
+    key_pem: &str,
 ) -> Result<()> {
-    let (key, csr) = pki::generate_key_and_csr(node_id)?;
-    let cert = ca.issue(&csr, Role::Coordinator, node_id, now, NODE_CERT_TTL)?;
+    fs::create_dir_all(dir).with_context(|| format!("create data dir {}", dir.display()))?;
+    let secret = |name: &str, contents: &[u8]| write_file_atomic(&path(dir, name), contents, true);
+    secret("ca.key", grant.ca_key_pem.as_bytes())?;
+    secret("cluster.key", hex::encode(&grant.cluster_key).as_bytes())?;
+    secret("admin.token", grant.admin_token.as_bytes())?;
+    secret("node.key", key_pem.as_bytes())?;
+    write_file_atomic(&path(dir, "node.id"), node_id.to_string().as_bytes(), false)?;
+    let cert_pem = pki::der_to_pem(&grant.cert_der, "CERTIFICATE");
+    write_file_atomic(&path(dir, "node.crt"), cert_pem.as_bytes(), false)?;
+    let ca_pem = pki::der_to_pem(&grant.ca_der, "CERTIFICATE");
+    write_file_atomic(&path(dir, "ca.crt"), ca_pem.as_bytes(), false)?;
+    Ok(())
+}
+
+fn issue_node_certificate(dir: &Path, ca: &ClusterCa, node_id: u64, now: SystemTime) -> Result<()> {
+    let identity = coordinator_identity(node_id);
+    let (key, csr) = pki::generate_key_and_csr(&identity)?;
+    let cert = ca.issue(&csr, Role::Coordinator, &identity, now, NODE_CERT_TTL)?;
     write_file_atomic(&path(dir, "node.key"), key.serialize_pem().as_bytes(), true)?;
     write_file_atomic(
         &path(dir, "node.crt"),
@@ -95,7 +134,7 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
     let ca = ClusterCa::from_pem(&read(dir, "ca.crt")?, &read(dir, "ca.key")?)
         .context("load the cluster CA")?;
     let cluster_key = hex::decode(read(dir, "cluster.key")?.trim()).context("parse cluster.key")?;
-    let node_id = read(dir, "node.id")?.trim().to_string();
+    let node_id: u64 = read(dir, "node.id")?.trim().parse().context("parse node.id")?;
     let mut cert_der = pki::pem_to_der(&read(dir, "node.crt")?, "CERTIFICATE")?;
     let now = SystemTime::now();
     let not_after = pki::parse_certificate(&cert_der)?.not_after_unix;
@@ -104,7 +143,7 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
         .unwrap_or_default()
         .as_secs() as i64;
     if not_after - now_unix < 30 * 24 * 3600 {
-        issue_node_certificate(dir, &ca, &node_id, now)?;
+        issue_node_certificate(dir, &ca, node_id, now)?;
         cert_der = pki::pem_to_der(&read(dir, "node.crt")?, "CERTIFICATE")?;
     }
     let key = pki::key_from_pem(&read(dir, "node.key")?)?;

@@ -1,6 +1,7 @@
-//! The coordinator: the pure core (liveness now; the state machine and the scheduler with the
-//! issues that bring them), and the shells around it: the QUIC endpoint for agents and peers, the
-//! HTTP API, and the event loop that owns the state.
+//! The coordinator: the pure core (liveness tracker, replicated state machine), the Raft replica
+//! that drives the state machine through raft-rs with its log in redb, and the shells around them:
+//! the QUIC endpoint for agents and peers, the peer transport, the HTTP API, and the event loop
+//! that owns the state.
 //!
 //! Architecture invariant: `core` never touches tokio, the network, the disk or a clock. The
 //! shells own all I/O and pass time in.
@@ -8,7 +9,10 @@
 pub mod api;
 pub mod core;
 pub mod data_dir;
+pub mod join;
+pub mod peers;
 pub mod quic;
+pub mod replica;
 pub mod server;
 
-pub use server::{run, CoordinatorConfig, Listeners};
+pub use server::{run, run_with, CoordinatorConfig, Listeners, Membership};

@@ -9,10 +9,12 @@ use gantry_protocol::token::{JoinToken, TokenError};
 use gantry_protocol::transport::{
     self, close_code, server_hello, TransportError, ALPN_AGENT, ALPN_JOIN, ALPN_PEER,
 };
+use crate::server::Unavailable;
 use gantry_protocol::{
-    AgentMessage, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse, Register, Role,
-    WireError,
+    AgentMessage, CoordinatorGrant, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse,
+    PeerEnvelope, PeerPayload, Register, Role, WireError,
 };
+use protobuf::Message as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,8 +30,10 @@ const REGISTER_LABELS_MAX: usize = 256;
 
 pub struct QuicContext {
     events: Handle,
+    node_id: u64,
     ca: ClusterCa,
     cluster_key: Vec<u8>,
+    admin_token: String,
     agent_cert_ttl: Duration,
     next_session_id: AtomicU64,
 }
@@ -40,8 +44,10 @@ impl QuicContext {
             .expect("a CA that was just loaded reloads");
         Self {
             events,
+            node_id: files.node_id,
             ca,
             cluster_key: files.cluster_key.clone(),
+            admin_token: files.admin_token.clone(),
             agent_cert_ttl,
             next_session_id: AtomicU64::new(1),
         }
@@ -106,10 +112,7 @@ async fn handle_connection(
             ),
         },
         ALPN_PEER => match identity {
-            Some(identity) if identity.role == Role::Coordinator => refuse(
-                connection,
-                "this coordinator runs as a single node and takes no peer traffic",
-            ),
+            Some(identity) if identity.role == Role::Coordinator => peer_session(connection, context).await,
             Some(identity) => refuse(
                 connection,
                 &format!(
@@ -167,11 +170,7 @@ async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(
                 tracing::warn!(%remote, name = %request.name, role = %request.role, "refused join: {error}");
                 JoinResponse::Refused(refusal(&error))
             }
-            Ok(()) if request.role == Role::Coordinator => JoinResponse::Refused(WireError {
-                code: ErrorCode::Internal,
-                message: "this coordinator runs as a single node; coordinators cannot join it yet"
-                    .into(),
-            }),
+            Ok(()) if request.role == Role::Coordinator => admit_coordinator(context, &request).await,
             Ok(()) => {
                 let identity = format!("agent-{}", random_suffix());
                 match context.ca.issue(
@@ -208,6 +207,89 @@ async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(
         }
         Ok(Err(error)) => Err(format!("join exchange failed: {error}")),
         Err(_) => Err("join exchange timed out".into()),
+    }
+}
+
+/// Adds a joining coordinator to the cluster as a learner (through Raft), then hands it its
+/// certificate and the cluster's secrets.
+async fn admit_coordinator(context: &QuicContext, request: &JoinRequest) -> JoinResponse {
+    let refused = |message: String| JoinResponse::Refused(WireError { code: ErrorCode::Internal, message });
+    let Some(joining) = &request.coordinator else {
+        return refused("a coordinator's join must say its node id and addresses".into());
+    };
+    if joining.node_id == 0 || joining.node_id == context.node_id {
+        return refused(format!("node id {} is not available", joining.node_id));
+    }
+    let (reply, answer) = oneshot::channel();
+    let event = Event::AddMember {
+        node_id: joining.node_id,
+        quic_addr: joining.quic_addr.clone(),
+        http_addr: joining.http_addr.clone(),
+        reply,
+    };
+    if context.events.send(event).await.is_err() {
+        return refused("the coordinator is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(Unavailable::NotLeader { leader: Some(leader) })) => {
+            return JoinResponse::Redirect { leader_addr: leader.quic_addr };
+        }
+        Ok(Err(_)) | Err(_) => return refused("no leader could add the member now: retry".into()),
+    }
+    let identity = crate::data_dir::coordinator_identity(joining.node_id);
+    match context.ca.issue(&request.csr_der, Role::Coordinator, &identity, SystemTime::now(), Duration::from_secs(365 * 24 * 3600)) {
+        Ok(cert) => {
+            tracing::info!(node = joining.node_id, addr = %joining.quic_addr, "coordinator joined as a learner");
+            JoinResponse::AcceptedCoordinator(Box::new(CoordinatorGrant {
+                identity,
+                cert_der: cert.to_vec(),
+                ca_der: context.ca.cert_der().to_vec(),
+                ca_key_pem: context.ca.key_pem(),
+                cluster_key: context.cluster_key.clone(),
+                admin_token: context.admin_token.clone(),
+            }))
+        }
+        Err(error) => refused(error.to_string()),
+    }
+}
+
+/// Raft traffic from another coordinator.
+async fn peer_session(connection: &quinn::Connection, context: &QuicContext) -> Result<(), String> {
+    let (_send, mut recv, _version) = match server_hello(connection).await {
+        Ok(opened) => opened,
+        Err(TransportError::Refused(message)) => return refuse(connection, &message),
+        Err(e) => return Err(e.to_string()),
+    };
+    loop {
+        let envelope = match recv.recv::<PeerEnvelope>().await {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => return Ok(()),
+            Err(TransportError::Connection(_)) | Err(TransportError::Read(quinn::ReadError::ConnectionLost(_))) => {
+                return Ok(());
+            }
+            Err(e) => return Err(format!("peer stream: {e}")),
+        };
+        if envelope.to_node != context.node_id {
+            tracing::warn!(to = envelope.to_node, from = envelope.from_node, "dropping peer traffic addressed to another node");
+            continue;
+        }
+        let event = match envelope.payload {
+            PeerPayload::Raft(encoded) => {
+                let mut messages = Vec::with_capacity(encoded.len());
+                for bytes in encoded {
+                    match raft::eraftpb::Message::parse_from_bytes(&bytes) {
+                        Ok(message) => messages.push(message),
+                        Err(e) => return Err(format!("peer sent a raft message that does not decode: {e}")),
+                    }
+                }
+                Event::PeerMessages(messages)
+            }
+            PeerPayload::Status { applied_index } => Event::PeerStatus { from: envelope.from_node, applied_index },
+        };
+        if context.events.send(event).await.is_err() {
+            return Ok(());
+        }
     }
 }
 
@@ -281,9 +363,23 @@ async fn agent_session(
         .send(registered)
         .await
         .map_err(|_| "coordinator is shutting down".to_string())?;
-    let welcome = welcome
-        .await
-        .map_err(|_| "coordinator is shutting down".to_string())?;
+    let welcome = match welcome.await.map_err(|_| "coordinator is shutting down".to_string())? {
+        Ok(welcome) => welcome,
+        Err(leader) => {
+            // Only the leader keeps agent sessions; send the agent there.
+            let message = match leader {
+                Some(leader_addr) => CoordinatorMessage::Redirect { leader_addr },
+                None => CoordinatorMessage::Error(WireError {
+                    code: ErrorCode::Internal,
+                    message: "no coordinator leads right now (an election is in progress); retry".into(),
+                }),
+            };
+            let _ = send.send(&message).await;
+            send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT).await;
+            connection.close(close_code::NORMAL.into(), b"not the leader");
+            return Ok(());
+        }
+    };
     send.send(&CoordinatorMessage::Welcome(welcome))
         .await
         .map_err(|e| e.to_string())?;

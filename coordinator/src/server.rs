@@ -1,22 +1,36 @@
-//! The coordinator daemon: one event loop that owns the state, fed by the QUIC shell, the HTTP
-//! API and a ticker. Nothing else mutates state; handlers talk to the loop through [`Handle`].
+//! The coordinator daemon: one event loop that owns the Raft replica, the replicated state, the
+//! agents' liveness and their sessions. The QUIC shell, the peer transport, the HTTP API and a
+//! ticker feed it events; nothing else touches the state.
 
-use crate::api::types::{AgentView, GpuView, NodeView, RuntimeView};
+use crate::api::types::{AgentView, ClusterView, GpuView, MemberView, NodeView, RuntimeView};
 use crate::core::liveness::{AgentStatus, LivenessTracker};
+use crate::core::state::{AgentState, Job, Member, Outcome, State};
+use crate::peers::PeerTransport;
+use crate::replica::disk::RedbLog;
+use crate::replica::{ProposeError, Replica, ReplicaConfig};
 use crate::{api, data_dir, quic};
 use anyhow::{Context, Result};
-use gantry_protocol::{CoordinatorMessage, GpuSource, Register, SiteKind, Welcome};
+use gantry_protocol::replicated::{self, Command, MemberChange, Op};
+use gantry_protocol::{CoordinatorMessage, GpuSource, SiteKind, Welcome};
+use raft::eraftpb::{ConfChange, ConfChangeType, Message};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 /// Events the loop accepts. A bounded queue: producers wait when the loop is behind.
 pub const EVENT_QUEUE_LEN_MAX: usize = 16 * 1024;
-/// How often the loop checks for agents past their TTL.
-const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// Events handled before each Ready pass, so that many proposals share one fsync.
+const EVENTS_PER_READY_MAX: usize = 4096;
+/// One Raft tick. Elections after 10 to 20 ticks without a leader; heartbeats every 2.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A proposal or linearizable read not answered in this time gets a 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Proposals waiting for commit at once; more are refused with a 503.
+pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -25,6 +39,9 @@ pub struct CoordinatorConfig {
     pub agent_ttl: Duration,
     /// Lifetime of certificates issued to agents; they renew at two thirds of it.
     pub agent_cert_ttl: Duration,
+    /// Addresses the other members use to reach this one; the bound addresses when unset.
+    pub advertise_quic: Option<SocketAddr>,
+    pub advertise_http: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -34,6 +51,8 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(3),
             agent_ttl: Duration::from_secs(15),
             agent_cert_ttl: Duration::from_secs(24 * 3600),
+            advertise_quic: None,
+            advertise_http: None,
         }
     }
 }
@@ -44,41 +63,94 @@ pub struct Listeners {
     pub http: std::net::TcpListener,
 }
 
+/// Why a request could not be served here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Another member leads; its addresses, when known.
+    NotLeader { leader: Option<Member> },
+    /// The answer did not come in time, or leadership changed before commit: the outcome is
+    /// unknown and the client should retry (with the same idempotency key).
+    Timeout,
+    Overloaded,
+    ShuttingDown,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, Unavailable>>;
+
+#[derive(Debug, Clone)]
+pub enum Query {
+    Jobs,
+    Job(String),
+    Agents,
+    Cluster,
+}
+
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Jobs(Vec<Job>),
+    Job(Option<Job>),
+    Agents(Vec<AgentView>),
+    Cluster(ClusterView),
+}
+
 pub enum Event {
     Registered {
         agent_id: String,
-        register: Box<Register>,
+        register: Box<gantry_protocol::Register>,
         session_id: u64,
         outbox: mpsc::Sender<CoordinatorMessage>,
-        reply: oneshot::Sender<Welcome>,
+        /// A welcome, or the leader's QUIC address to redirect to (None: no leader yet).
+        reply: oneshot::Sender<Result<Welcome, Option<String>>>,
     },
-    Heartbeat {
-        agent_id: String,
-        session_id: u64,
-    },
-    SessionEnded {
-        agent_id: String,
-        session_id: u64,
-    },
-    ListAgents {
-        reply: oneshot::Sender<Vec<AgentView>>,
-    },
+    Heartbeat { agent_id: String, session_id: u64 },
+    SessionEnded { agent_id: String, session_id: u64 },
+    PeerMessages(Vec<Message>),
+    PeerStatus { from: u64, applied_index: u64 },
+    SnapshotReport { to: u64, delivered: bool },
+    Unreachable { to: u64 },
+    Propose { actor: String, op: Op, reply: Reply<Outcome> },
+    AddMember { node_id: u64, quic_addr: String, http_addr: String, reply: Reply<Outcome> },
+    RemoveMember { node_id: u64, reply: Reply<Outcome> },
+    Read { query: Query, stale: bool, reply: Reply<Answer> },
 }
 
 pub type Handle = mpsc::Sender<Event>;
 
-struct AgentRecord {
-    register: Register,
+struct Session {
     session_id: u64,
-    /// Dropping it tells the session task that a newer session replaced it.
-    _outbox: Option<mpsc::Sender<CoordinatorMessage>>,
+    outbox: mpsc::Sender<CoordinatorMessage>,
+}
+
+struct PendingProposal {
+    reply: Reply<Outcome>,
+    deadline: Instant,
+}
+
+struct PendingRead {
+    query: Query,
+    reply: Reply<Answer>,
+    deadline: Instant,
+    /// Set once raft confirmed leadership: the index the state must reach.
+    index: Option<u64>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 struct Coordinator {
     config: CoordinatorConfig,
     started: Instant,
+    replica: Replica<State, RedbLog>,
+    peers: PeerTransport,
     liveness: LivenessTracker,
-    agents: BTreeMap<String, AgentRecord>,
+    sessions: BTreeMap<String, Session>,
+    pending: BTreeMap<u64, PendingProposal>,
+    reads: BTreeMap<u64, PendingRead>,
+    next_request_id: u64,
+    peer_applied: BTreeMap<u64, u64>,
+    members_seen: BTreeMap<u64, Member>,
+    ticks: u64,
 }
 
 impl Coordinator {
@@ -86,91 +158,309 @@ impl Coordinator {
         self.started.elapsed().as_millis() as u64
     }
 
+    fn state(&self) -> &State {
+        self.replica.machine()
+    }
+
+    fn leader_member(&self) -> Option<Member> {
+        self.replica.leader_id().and_then(|id| self.state().members.get(&id).cloned())
+    }
+
+    fn not_leader(&self) -> Unavailable {
+        Unavailable::NotLeader { leader: self.leader_member() }
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        self.next_request_id
+    }
+
+    fn propose(&mut self, actor: String, op: Op, reply: Option<Reply<Outcome>>) {
+        if !self.replica.is_leader() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(self.not_leader()));
+            }
+            return;
+        }
+        if self.pending.len() >= PENDING_PROPOSALS_MAX {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(Unavailable::Overloaded));
+            }
+            return;
+        }
+        let request_id = self.request_id();
+        let command = Command { request_id, at_unix_ms: unix_ms(), actor, op };
+        match self.replica.propose(replicated::encode(&command)) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    self.pending.insert(request_id, PendingProposal { reply, deadline: Instant::now() + REQUEST_TIMEOUT });
+                }
+            }
+            Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Dropped(_)) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+        }
+    }
+
+    fn propose_member_change(&mut self, change_type: ConfChangeType, member: MemberChange, reply: Option<Reply<Outcome>>) {
+        if !self.replica.is_leader() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(self.not_leader()));
+            }
+            return;
+        }
+        let node_id = member.node_id;
+        let request_id = member.request_id;
+        let change = ConfChange { change_type, node_id, context: replicated::encode(&member).into(), ..Default::default() };
+        match self.replica.propose_conf_change(change) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    self.pending.insert(request_id, PendingProposal { reply, deadline: Instant::now() + REQUEST_TIMEOUT });
+                }
+            }
+            Err(_) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+        }
+    }
+
+    fn answer(&self, query: &Query) -> Answer {
+        match query {
+            Query::Jobs => Answer::Jobs(self.state().jobs.values().cloned().collect()),
+            Query::Job(id) => Answer::Job(self.state().jobs.get(id).cloned()),
+            Query::Agents => Answer::Agents(self.agent_views()),
+            Query::Cluster => Answer::Cluster(self.cluster_view()),
+        }
+    }
+
     fn handle_event(&mut self, event: Event) {
         let now_ms = self.now_ms();
         match event {
-            Event::Registered {
-                agent_id,
-                register,
-                session_id,
-                outbox,
-                reply,
-            } => {
-                let ttl_ms = self.config.agent_ttl.as_millis() as u64;
-                if let Some(transition) = self.liveness.handle_register(&agent_id, ttl_ms, now_ms) {
-                    tracing::info!(agent = %agent_id, name = %register.name, site = %register.site, status = ?transition.status, "agent registered");
+            Event::Registered { agent_id, register, session_id, outbox, reply } => {
+                if !self.replica.is_leader() {
+                    let _ = reply.send(Err(self.leader_member().map(|m| m.quic_addr)));
+                    return;
                 }
-                self.agents.insert(
-                    agent_id.clone(),
-                    AgentRecord {
-                        register: *register,
-                        session_id,
-                        _outbox: Some(outbox),
-                    },
-                );
-                let _ = reply.send(Welcome {
+                let ttl_ms = self.config.agent_ttl.as_millis() as u64;
+                self.liveness.handle_register(&agent_id, ttl_ms, now_ms);
+                let changed = self
+                    .state()
+                    .agents
+                    .get(&agent_id)
+                    .is_none_or(|record| record.register != *register || record.state != AgentState::Ready);
+                if changed {
+                    tracing::info!(agent = %agent_id, name = %register.name, site = %register.site, "agent registered");
+                    let op = Op::AgentRegistered { agent_id: agent_id.clone(), register: *register };
+                    self.propose(format!("agent:{agent_id}"), op, None);
+                }
+                self.sessions.insert(agent_id.clone(), Session { session_id, outbox });
+                let _ = reply.send(Ok(Welcome {
                     agent_id,
                     heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
                     ttl_ms,
-                });
+                }));
             }
-            Event::Heartbeat {
-                agent_id,
-                session_id,
-            } => {
-                let current = self
-                    .agents
-                    .get(&agent_id)
-                    .is_some_and(|r| r.session_id == session_id);
-                if current {
-                    if let Some(transition) = self.liveness.handle_heartbeat(&agent_id, now_ms) {
-                        tracing::info!(agent = %agent_id, status = ?transition.status, "agent is back");
+            Event::Heartbeat { agent_id, session_id } => {
+                let current = self.sessions.get(&agent_id).is_some_and(|s| s.session_id == session_id);
+                if current && self.liveness.handle_heartbeat(&agent_id, now_ms).is_some() {
+                    tracing::info!(agent = %agent_id, "agent is back");
+                    self.propose(format!("agent:{agent_id}"), Op::AgentUp { agent_id: agent_id.clone() }, None);
+                }
+            }
+            Event::SessionEnded { agent_id, session_id } => {
+                if self.sessions.get(&agent_id).is_some_and(|s| s.session_id == session_id) {
+                    self.sessions.remove(&agent_id);
+                    tracing::info!(agent = %agent_id, "agent session ended; down after its TTL unless it reconnects");
+                }
+            }
+            Event::PeerMessages(messages) => {
+                for message in messages {
+                    if let Err(e) = self.replica.step(message) {
+                        tracing::warn!("raft refused a peer message: {e}");
                     }
                 }
             }
-            Event::SessionEnded {
-                agent_id,
-                session_id,
-            } => {
-                if let Some(record) = self.agents.get_mut(&agent_id) {
-                    if record.session_id == session_id {
-                        record._outbox = None;
-                        tracing::info!(agent = %agent_id, "agent session ended; down after its TTL unless it reconnects");
+            Event::PeerStatus { from, applied_index } => {
+                self.peer_applied.insert(from, applied_index);
+            }
+            Event::SnapshotReport { to, delivered } => self.replica.report_snapshot(to, delivered),
+            Event::Unreachable { to } => self.replica.report_unreachable(to),
+            Event::Propose { actor, op, reply } => self.propose(actor, op, Some(reply)),
+            Event::AddMember { node_id, quic_addr, http_addr, reply } => {
+                if let Some(member) = self.state().members.get(&node_id) {
+                    if member.quic_addr == quic_addr && member.http_addr == http_addr {
+                        let _ = reply.send(Ok(Outcome::MemberAdded { node_id }));
+                        return;
                     }
                 }
+                let request_id = self.request_id();
+                let member = MemberChange { request_id, node_id, quic_addr, http_addr };
+                self.propose_member_change(ConfChangeType::AddLearnerNode, member, Some(reply));
             }
-            Event::ListAgents { reply } => {
-                let _ = reply.send(self.agent_views(now_ms));
+            Event::RemoveMember { node_id, reply } => {
+                let Some(member) = self.state().members.get(&node_id).cloned() else {
+                    let _ = reply.send(Ok(Outcome::MemberRemoved { node_id }));
+                    return;
+                };
+                let request_id = self.request_id();
+                let change = MemberChange { request_id, node_id, quic_addr: member.quic_addr, http_addr: member.http_addr };
+                self.propose_member_change(ConfChangeType::RemoveNode, change, Some(reply));
+            }
+            Event::Read { query, stale, reply } => {
+                if stale {
+                    let _ = reply.send(Ok(self.answer(&query)));
+                    return;
+                }
+                let read_id = self.request_id();
+                self.replica.read_index(read_id.to_be_bytes().to_vec());
+                self.reads.insert(read_id, PendingRead { query, reply, deadline: Instant::now() + REQUEST_TIMEOUT, index: None });
             }
         }
     }
 
     fn handle_tick(&mut self) {
+        self.ticks += 1;
+        self.replica.tick();
+        let now = Instant::now();
+        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            let pending = self.pending.remove(&id).expect("listed above");
+            let _ = pending.reply.send(Err(Unavailable::Timeout));
+        }
+        let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            let read = self.reads.remove(&id).expect("listed above");
+            let _ = read.reply.send(Err(Unavailable::Timeout));
+        }
+        if self.ticks % 10 == 0 {
+            self.peers.broadcast_status(self.replica.applied());
+        }
+        if !self.replica.is_leader() {
+            return;
+        }
         for transition in self.liveness.poll_transitions(self.now_ms()) {
-            tracing::warn!(agent = %transition.agent_id, "agent missed its heartbeats past its TTL: down");
+            let recorded_down = self.state().agents.get(&transition.agent_id).is_some_and(|a| a.state == AgentState::Down);
+            if transition.status == AgentStatus::Down && !recorded_down {
+                tracing::warn!(agent = %transition.agent_id, "agent missed its heartbeats past its TTL: down");
+                let op = Op::AgentDown { agent_id: transition.agent_id.clone() };
+                self.propose(format!("coordinator:{}", self.replica.id()), op, None);
+            }
+        }
+        // Promote a learner once it has caught up with the commit index.
+        let commit = self.replica.commit();
+        if let Some(learner) = self.replica.learners().into_iter().find(|&id| self.replica.matched(id).is_some_and(|m| m >= commit)) {
+            if let Some(member) = self.state().members.get(&learner).cloned() {
+                tracing::info!(node = learner, "learner caught up; promoting it to voter");
+                let change = MemberChange { request_id: 0, node_id: learner, quic_addr: member.quic_addr, http_addr: member.http_addr };
+                self.propose_member_change(ConfChangeType::AddNode, change, None);
+            }
         }
     }
 
-    fn agent_views(&self, now_ms: u64) -> Vec<AgentView> {
-        self.agents
+    fn handle_leadership(&mut self, leader: Option<u64>) {
+        tracing::info!(leader = ?leader, term = self.replica.term(), "leadership changed");
+        // Whatever this node proposed may never commit now; clients retry by idempotency key.
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            let _ = pending.reply.send(Err(Unavailable::Timeout));
+        }
+        if self.replica.is_leader() {
+            // A new leader gives every known agent a full TTL before it can be declared down.
+            self.liveness = LivenessTracker::new();
+            let ttl_ms = self.config.agent_ttl.as_millis() as u64;
+            let now_ms = self.now_ms();
+            let agents: Vec<String> = self.state().agents.keys().cloned().collect();
+            for agent_id in agents {
+                self.liveness.handle_register(&agent_id, ttl_ms, now_ms);
+            }
+        } else {
+            let leader_addr = self.leader_member().map(|m| m.quic_addr);
+            for (_, session) in std::mem::take(&mut self.sessions) {
+                if let Some(leader_addr) = &leader_addr {
+                    let _ = session.outbox.try_send(CoordinatorMessage::Redirect { leader_addr: leader_addr.clone() });
+                }
+            }
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<()> {
+        while self.replica.has_ready() {
+            let output = self.replica.handle_ready().map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+            for to in self.peers.send(output.messages) {
+                self.replica.report_snapshot(to, false);
+            }
+            if let Some(leader) = output.leader_changed {
+                self.handle_leadership(leader);
+            }
+            for (_, request_id, outcome) in output.applied {
+                if let Some(pending) = request_id.and_then(|id| self.pending.remove(&id)) {
+                    let _ = pending.reply.send(Ok(outcome));
+                }
+            }
+            for (context, index) in output.reads {
+                let Ok(bytes) = <[u8; 8]>::try_from(context.as_slice()) else { continue };
+                if let Some(read) = self.reads.get_mut(&u64::from_be_bytes(bytes)) {
+                    read.index = Some(index);
+                }
+            }
+        }
+        let applied = self.replica.applied();
+        let answerable: Vec<u64> = self.reads.iter().filter(|(_, r)| r.index.is_some_and(|i| i <= applied)).map(|(id, _)| *id).collect();
+        for id in answerable {
+            let read = self.reads.remove(&id).expect("listed above");
+            let _ = read.reply.send(Ok(self.answer(&read.query)));
+        }
+        if self.state().members != self.members_seen {
+            self.members_seen = self.state().members.clone();
+            self.peers.set_members(&self.members_seen);
+        }
+        Ok(())
+    }
+
+    fn cluster_view(&self) -> ClusterView {
+        let voters = self.replica.voters();
+        let members = self
+            .state()
+            .members
+            .iter()
+            .map(|(&id, member)| MemberView {
+                id,
+                addr: member.quic_addr.clone(),
+                http_addr: member.http_addr.clone(),
+                role: if voters.contains(&id) { "voter".into() } else { "learner".into() },
+                applied_index: if id == self.replica.id() { Some(self.replica.applied()) } else { self.peer_applied.get(&id).copied() },
+            })
+            .collect();
+        ClusterView {
+            node: self.replica.id(),
+            leader: self.replica.leader_id(),
+            term: self.replica.term(),
+            commit_index: self.replica.commit(),
+            members,
+        }
+    }
+
+    fn agent_views(&self) -> Vec<AgentView> {
+        let now_ms = self.now_ms();
+        self.state()
+            .agents
             .iter()
             .map(|(agent_id, record)| {
-                let status = match self.liveness.status(agent_id) {
-                    Some(AgentStatus::Ready) => "ready",
-                    Some(AgentStatus::Down) | None => "down",
+                let status = match record.state {
+                    AgentState::Ready => "ready",
+                    AgentState::Down => "down",
                 };
-                let silence_ms = self.liveness.silence_ms(agent_id, now_ms).unwrap_or(0);
+                let silence_ms = if self.replica.is_leader() { self.liveness.silence_ms(agent_id, now_ms) } else { None };
                 let register = &record.register;
                 let single = register.nodes.len() == 1;
                 let nodes = register
                     .nodes
                     .iter()
                     .map(|node| NodeView {
-                        id: if single {
-                            agent_id.clone()
-                        } else {
-                            format!("{agent_id}/{}", node.name)
-                        },
+                        id: if single { agent_id.clone() } else { format!("{agent_id}/{}", node.name) },
                         agent: agent_id.clone(),
                         name: register.name.clone(),
                         node: node.name.clone(),
@@ -203,74 +493,87 @@ impl Coordinator {
                                 .into(),
                             })
                             .collect(),
-                        runtimes: register
-                            .runtimes
-                            .iter()
-                            .map(|r| r.kind.as_str().to_string())
-                            .collect(),
+                        runtimes: register.runtimes.iter().map(|r| r.kind.as_str().to_string()).collect(),
                         runtime_details: register
                             .runtimes
                             .iter()
-                            .map(|r| RuntimeView {
-                                kind: r.kind.as_str().into(),
-                                detail: r.detail.clone(),
-                            })
+                            .map(|r| RuntimeView { kind: r.kind.as_str().into(), detail: r.detail.clone() })
                             .collect(),
                         labels: register.labels.clone(),
                         cost_per_gpu_hour: register.cost_per_gpu_hour,
                         cost_per_cpu_hour: register.cost_per_cpu_hour,
                         software_version: register.software_version.clone(),
                         last_heard_ms_ago: silence_ms,
+                        status_since_unix_ms: record.since_unix_ms,
                     })
                     .collect();
-                AgentView {
-                    id: agent_id.clone(),
-                    name: register.name.clone(),
-                    status: status.into(),
-                    site: register.site.clone(),
-                    nodes,
-                }
+                AgentView { id: agent_id.clone(), name: register.name.clone(), status: status.into(), site: register.site.clone(), nodes }
             })
             .collect()
     }
 }
 
-/// Runs a coordinator until `shutdown` resolves. The data dir must be initialised.
+/// How this node takes part: it starts a cluster, or joins one, or (restarting) has its data.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    /// The data dir already holds a replica, or `--init` just created a cluster.
+    Existing,
+    /// `--join TOKEN@SEED`: the data dir is empty and this node joins through the seed.
+    Join { token: String, seed: String },
+}
+
+/// Runs a coordinator until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let files = data_dir::load(&config.data_dir)?;
+    run_with(config, listeners, Membership::Existing, shutdown).await
+}
+
+pub async fn run_with(
+    config: CoordinatorConfig,
+    listeners: Listeners,
+    membership: Membership,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let quic_addr = listeners.quic.local_addr().context("read QUIC address")?;
     let http_addr = listeners.http.local_addr().context("read HTTP address")?;
-    let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE_LEN_MAX);
+    let advertise_quic = config.advertise_quic.unwrap_or(quic_addr);
+    let advertise_http = config.advertise_http.unwrap_or(http_addr);
+    if advertise_quic.ip().is_unspecified() || advertise_http.ip().is_unspecified() {
+        anyhow::bail!("listening on a wildcard address: pass --advertise-quic and --advertise-http with addresses the other coordinators can reach");
+    }
+    let joined_now = match &membership {
+        Membership::Join { token, seed } if !data_dir::is_initialized(&config.data_dir) => {
+            crate::join::join_cluster(&config.data_dir, token, seed, advertise_quic, advertise_http).await?;
+            true
+        }
+        _ => false,
+    };
+    let files = data_dir::load(&config.data_dir)?;
+    let node_id = files.node_id;
+    let disk = RedbLog::open(&data_dir::raft_db_path(&config.data_dir)).context("open the raft log")?;
+    let fresh = crate::replica::storage::Durable::load(&disk).context("read the raft log")?.is_none();
+    let self_member = Member { quic_addr: advertise_quic.to_string(), http_addr: advertise_http.to_string() };
+    let bootstrap = fresh && !joined_now;
+    let logger = crate::replica::logging::logger(node_id);
+    let replica = Replica::open(
+        ReplicaConfig::new(node_id),
+        State::with_member(node_id, self_member),
+        disk,
+        bootstrap.then_some(&[node_id][..]),
+        &logger,
+    )
+    .map_err(|e| anyhow::anyhow!("open the raft replica: {e}"))?;
 
-    let quic_context = Arc::new(quic::QuicContext::new(
-        &files,
-        events_tx.clone(),
-        config.agent_cert_ttl,
-    ));
+    let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE_LEN_MAX);
+    let quic_context = Arc::new(quic::QuicContext::new(&files, events_tx.clone(), config.agent_cert_ttl));
     let endpoint = quic::endpoint(&files, listeners.quic)?;
     let quic_task = tokio::spawn(quic::serve(endpoint.clone(), quic_context));
-
-    let api_state = Arc::new(api::ApiState {
-        handle: events_tx.clone(),
-        admin_token_sha256: ring::digest::digest(
-            &ring::digest::SHA256,
-            files.admin_token.as_bytes(),
-        )
-        .as_ref()
-        .to_vec(),
-        cluster_key: files.cluster_key.clone(),
-        ca_sha256_hex: files.ca.sha256_hex(),
-    });
-    listeners
-        .http
-        .set_nonblocking(true)
-        .context("make the HTTP listener non-blocking")?;
-    let http_listener =
-        tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
+    let api_state = Arc::new(api::ApiState::new(&files, events_tx.clone()));
+    listeners.http.set_nonblocking(true).context("make the HTTP listener non-blocking")?;
+    let http_listener = tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, api::router(api_state))
@@ -279,43 +582,68 @@ pub async fn run(
             })
             .await
     });
-    drop(events_tx);
-
     tracing::info!(
-        node = %files.node_id,
+        node = node_id,
         quic = %quic_addr,
         http = %http_addr,
         ca_sha256 = %files.ca.sha256_hex(),
+        bootstrap,
         "coordinator started"
     );
 
     let mut coordinator = Coordinator {
+        peers: PeerTransport::new(node_id, files.credentials.clone(), events_tx.clone()),
         config,
         started: Instant::now(),
+        replica,
         liveness: LivenessTracker::new(),
-        agents: BTreeMap::new(),
+        sessions: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        reads: BTreeMap::new(),
+        next_request_id: data_dir::new_node_id() << 12,
+        peer_applied: BTreeMap::new(),
+        members_seen: BTreeMap::new(),
+        ticks: 0,
     };
-    let mut tick = tokio::time::interval(LIVENESS_TICK);
+    drop(events_tx);
+    if bootstrap {
+        // A cluster of one elects itself at once rather than after an election timeout.
+        coordinator.replica.campaign().context("campaign")?;
+    }
+    coordinator.handle_ready()?;
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => coordinator.handle_tick(),
             event = events_rx.recv() => match event {
-                Some(event) => coordinator.handle_event(event),
-                None => break,
+                Some(event) => {
+                    coordinator.handle_event(event);
+                    for _ in 0..EVENTS_PER_READY_MAX {
+                        match events_rx.try_recv() {
+                            Ok(event) => coordinator.handle_event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => break Ok(()),
             },
         }
-    }
+        if let Err(e) = coordinator.handle_ready() {
+            break Err(e);
+        }
+    };
     tracing::info!("coordinator shutting down");
-    endpoint.close(
-        gantry_protocol::transport::close_code::SHUTDOWN.into(),
-        b"coordinator shutting down",
-    );
+    for (_, pending) in std::mem::take(&mut coordinator.pending) {
+        let _ = pending.reply.send(Err(Unavailable::ShuttingDown));
+    }
+    endpoint.close(gantry_protocol::transport::close_code::SHUTDOWN.into(), b"coordinator shutting down");
     let _ = http_stop_tx.send(());
     quic_task.abort();
+    drop(coordinator);
     let _ = http_task.await;
-    endpoint.wait_idle().await;
-    Ok(())
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    outcome
 }

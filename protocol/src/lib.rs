@@ -9,11 +9,14 @@
 //! This crate never decides anything about scheduling or liveness; it only says how bytes look.
 
 pub mod frame;
+pub mod jobspec;
 pub mod messages;
 pub mod pki;
+pub mod replicated;
 pub mod tls;
 pub mod token;
 pub mod transport;
+pub mod units;
 pub mod version;
 
 pub use frame::{FrameDecoder, FrameError, FRAME_BYTES_MAX};

@@ -266,6 +266,30 @@ pub struct JoinRequest {
     pub name: String,
     /// A PKCS#10 request; only its public key is used, the coordinator chooses the identity.
     pub csr_der: Vec<u8>,
+    /// Set when a coordinator joins: who it is and where the others reach it.
+    pub coordinator: Option<CoordinatorJoin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorJoin {
+    /// The Raft node id the joining coordinator chose (random, non-zero).
+    pub node_id: u64,
+    /// Its QUIC address (`--listen`, or `--advertise` when listening on a wildcard).
+    pub quic_addr: String,
+    /// Its HTTP API address, to which followers forward writes.
+    pub http_addr: String,
+}
+
+/// What a joining coordinator receives: a certificate, and the cluster's secrets, so that it can
+/// sign agent certificates and check join tokens as any member can.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorGrant {
+    pub identity: String,
+    pub cert_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+    pub ca_key_pem: String,
+    pub cluster_key: Vec<u8>,
+    pub admin_token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,12 +299,16 @@ pub enum JoinResponse {
         cert_der: Vec<u8>,
         ca_der: Vec<u8>,
     },
+    /// A coordinator was added to the cluster as a learner.
+    AcceptedCoordinator(Box<CoordinatorGrant>),
+    /// Only the leader admits coordinators; ask it (its QUIC address).
+    Redirect { leader_addr: String },
     Refused(WireError),
 }
 
-/// Coordinator-to-coordinator traffic (ALPN [`crate::transport::ALPN_PEER`]). The Raft issue fills
-/// the payloads; the envelope already carries the sender and the addressee so that a message that
-/// reached the wrong node is dropped rather than misapplied.
+/// Coordinator-to-coordinator traffic (ALPN [`crate::transport::ALPN_PEER`]). The envelope carries
+/// the sender and the addressee so that a message that reached the wrong node is dropped rather
+/// than misapplied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerEnvelope {
     pub from_node: u64,
@@ -292,6 +320,8 @@ pub struct PeerEnvelope {
 pub enum PeerPayload {
     /// Raft messages, each encoded by raft-rs (protobuf), in send order.
     Raft(Vec<Vec<u8>>),
+    /// The sender's progress, sent every second, for `gantry cluster status`.
+    Status { applied_index: u64 },
 }
 
 #[cfg(test)]
@@ -431,7 +461,22 @@ mod tests {
             role: Role::Agent,
             name: "gpu-07".into(),
             csr_der: vec![9; 300],
+            coordinator: Some(CoordinatorJoin {
+                node_id: 7,
+                quic_addr: "127.0.0.1:7443".into(),
+                http_addr: "127.0.0.1:7080".into(),
+            }),
         });
+        round_trip(JoinResponse::AcceptedCoordinator(Box::new(CoordinatorGrant {
+            identity: "coordinator-7".into(),
+            cert_der: vec![1],
+            ca_der: vec![2],
+            ca_key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+            cluster_key: vec![3; 32],
+            admin_token: "t".into(),
+        })));
+        round_trip(JoinResponse::Redirect { leader_addr: "127.0.0.1:7444".into() });
+        round_trip(PeerEnvelope { from_node: 1, to_node: 2, payload: PeerPayload::Status { applied_index: 9 } });
         round_trip(JoinResponse::Accepted {
             identity: "agent-1".into(),
             cert_der: vec![1],

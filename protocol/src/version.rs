@@ -9,9 +9,10 @@
 use serde::{Deserialize, Serialize};
 
 /// The version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest version this build still speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version this build still speaks. Version 1 (before coordinators could join one
+/// another) was never released, so it is not kept.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {

@@ -1,19 +1,27 @@
-//! The HTTP API (axum): deny by default, a bearer token on everything but `/healthz`.
+//! The HTTP API (axum): deny by default, a bearer token on everything but `/healthz` and the
+//! OpenAPI document. Writes go through Raft on the leader (a follower forwards them there);
+//! reads are linearizable through ReadIndex unless `?stale=true`.
 
+pub mod openapi;
 pub mod types;
 
-use crate::server::{Event, Handle};
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use crate::core::state::{Job, Outcome};
+use crate::data_dir::ClusterFiles;
+use crate::server::{Answer, Event, Handle, Query, Unavailable};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use gantry_protocol::jobspec::{self, JobSpec};
+use gantry_protocol::replicated::Op;
 use gantry_protocol::token::JoinToken;
 use gantry_protocol::Role;
 use ring::digest::{digest, SHA256};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use types::*;
 
@@ -22,12 +30,33 @@ pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// Join tokens live at most this long.
 pub const TOKEN_TTL_SECONDS_MAX: u64 = 30 * 24 * 3600;
 const TOKEN_TTL_SECONDS_DEFAULT: u64 = 3600;
+/// Idempotency keys are at most this long.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+/// Marks a request a follower forwarded, so that it is forwarded at most once.
+const FORWARDED_HEADER: &str = "x-gantry-forwarded";
 
 pub struct ApiState {
     pub handle: Handle,
     pub admin_token_sha256: Vec<u8>,
     pub cluster_key: Vec<u8>,
     pub ca_sha256_hex: String,
+    http: reqwest::Client,
+}
+
+impl ApiState {
+    pub fn new(files: &ClusterFiles, handle: Handle) -> Self {
+        Self {
+            handle,
+            admin_token_sha256: digest(&SHA256, files.admin_token.as_bytes()).as_ref().to_vec(),
+            cluster_key: files.cluster_key.clone(),
+            ca_sha256_hex: files.ca.sha256_hex(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(15))
+                .build()
+                .expect("an HTTP client with default TLS builds"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -38,14 +67,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            detail: ErrorDetail {
-                code: code.into(),
-                message: message.into(),
-                field: None,
-            },
-        }
+        Self { status, detail: ErrorDetail { code: code.into(), message: message.into(), field: None } }
     }
 
     pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
@@ -54,12 +76,8 @@ impl ApiError {
         error
     }
 
-    fn unavailable() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the coordinator is shutting down",
-        )
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 }
 
@@ -69,14 +87,37 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<Unavailable> for ApiError {
+    fn from(reason: Unavailable) -> Self {
+        match reason {
+            Unavailable::NotLeader { leader: None } => ApiError::unavailable(
+                "no coordinator leads right now: an election is in progress or a majority of the members is unreachable; retry",
+            ),
+            Unavailable::NotLeader { leader: Some(leader) } => {
+                ApiError::unavailable(format!("the leader at {} did not take the request; retry", leader.http_addr))
+            }
+            Unavailable::Timeout => ApiError::unavailable(
+                "not committed in time; the outcome is unknown: retry with the same Idempotency-Key",
+            ),
+            Unavailable::Overloaded => ApiError::unavailable("too many requests waiting for commit; retry later"),
+            Unavailable::ShuttingDown => ApiError::unavailable("the coordinator is shutting down"),
+        }
+    }
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     let protected = Router::new()
         .route("/v1/agents", get(list_agents))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi::document))
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -91,11 +132,7 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn require_token(
-    State(state): State<Arc<ApiState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -110,55 +147,216 @@ async fn require_token(
         .into_response();
     };
     // Comparing digests keeps the comparison's timing independent of the secret.
-    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice()
-    {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "bearer token is not valid for this cluster",
-        )
-        .into_response();
+    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice() {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token is not valid for this cluster")
+            .into_response();
     }
     next.run(request).await
 }
 
-async fn query<T>(
-    state: &ApiState,
-    make: impl FnOnce(oneshot::Sender<T>) -> Event,
-) -> Result<T, ApiError> {
+async fn ask<T>(state: &ApiState, make: impl FnOnce(oneshot::Sender<Result<T, Unavailable>>) -> Event) -> Result<T, Unavailable> {
     let (reply, answer) = oneshot::channel();
-    state
-        .handle
-        .send(make(reply))
-        .await
-        .map_err(|_| ApiError::unavailable())?;
-    answer.await.map_err(|_| ApiError::unavailable())
+    state.handle.send(make(reply)).await.map_err(|_| Unavailable::ShuttingDown)?;
+    answer.await.map_err(|_| Unavailable::ShuttingDown)?
 }
 
-async fn list_agents(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    Ok(Json(
-        query(&state, |reply| Event::ListAgents { reply }).await?,
-    ))
+#[derive(Debug, serde::Deserialize)]
+struct ReadParams {
+    #[serde(default)]
+    stale: bool,
 }
 
-async fn list_nodes(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>, ApiError> {
-    let agents = query(&state, |reply| Event::ListAgents { reply }).await?;
-    Ok(Json(
-        agents.into_iter().flat_map(|agent| agent.nodes).collect(),
-    ))
+async fn read(state: &ApiState, query: Query, params: &ReadParams) -> Result<Answer, ApiError> {
+    Ok(ask(state, |reply| Event::Read { query, stale: params.stale, reply }).await?)
+}
+
+/// Sends a write to the leader when this node does not lead, once.
+async fn forward(state: &ApiState, leader_http: &str, method: Method, path: &str, headers: &HeaderMap, body: Bytes) -> Response {
+    if headers.contains_key(FORWARDED_HEADER) {
+        return ApiError::unavailable("leadership is changing; retry").into_response();
+    }
+    let mut request = state.http.request(method, format!("http://{leader_http}{path}")).header(FORWARDED_HEADER, "1").body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(value) = headers.get("idempotency-key") {
+        request = request.header("idempotency-key", value);
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            match response.bytes().await {
+                Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+                Err(e) => ApiError::unavailable(format!("the leader's answer broke off: {e}")).into_response(),
+            }
+        }
+        Err(e) => ApiError::unavailable(format!("could not reach the leader at {leader_http}: {e}; retry")).into_response(),
+    }
+}
+
+/// Proposes `op`; on a follower, forwards the request that asked for it to the leader.
+async fn write(
+    state: &ApiState,
+    op: Op,
+    forward_as: (Method, &str, &HeaderMap, Bytes),
+    respond: impl FnOnce(Outcome) -> Response,
+) -> Response {
+    match ask(state, |reply| Event::Propose { actor: "admin".into(), op, reply }).await {
+        Ok(outcome) => respond(outcome),
+        Err(Unavailable::NotLeader { leader: Some(leader) }) => {
+            let (method, path, headers, body) = forward_as;
+            forward(state, &leader.http_addr, method, path, headers, body).await
+        }
+        Err(reason) => ApiError::from(reason).into_response(),
+    }
+}
+
+fn job_view(job: &Job) -> JobView {
+    let spec: serde_json::Value = serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
+    let text = |key: &str| spec.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    JobView {
+        id: job.id.clone(),
+        name: text("name"),
+        team: text("team"),
+        kind: text("kind"),
+        state: job.state.as_str().into(),
+        submitted_by: job.submitted_by.clone(),
+        submitted_at_unix_ms: job.submitted_at_unix_ms,
+        updated_at_unix_ms: job.updated_at_unix_ms,
+        idempotency_key: job.idempotency_key.clone(),
+        spec,
+    }
+}
+
+fn new_job_id() -> String {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the system random source works");
+    format!("j-{}", hex::encode(bytes))
+}
+
+async fn submit_job(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => return ApiError::invalid_field("body", format!("the body is not JSON: {e}")).into_response(),
+    };
+    let spec: JobSpec = match jobspec::from_json_value(value) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let field = if e.field.is_empty() { "body".to_string() } else { e.field.clone() };
+            return ApiError::invalid_field(&field, e.to_string()).into_response();
+        }
+    };
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX => Some(key.to_string()),
+            _ => {
+                return ApiError::invalid_field(
+                    "Idempotency-Key",
+                    format!("must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} visible ASCII characters"),
+                )
+                .into_response()
+            }
+        },
+    };
+    let op = Op::SubmitJob { job_id: new_job_id(), idempotency_key, spec_json: spec.canonical_json() };
+    write(&state, op, (Method::POST, "/v1/jobs", &headers, body), |outcome| match outcome {
+        Outcome::JobSubmitted { job_id, created } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            (status, Json(SubmitJobResponse { id: job_id, created })).into_response()
+        }
+        Outcome::IdempotencyConflict { key, job_id } => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("Idempotency-Key {key:?} was used for job {job_id} with a different spec"),
+        )
+        .into_response(),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}")).into_response(),
+    })
+    .await
+}
+
+async fn list_jobs(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<JobView>>, ApiError> {
+    match read(&state, Query::Jobs, &params).await? {
+        Answer::Jobs(jobs) => Ok(Json(jobs.iter().map(job_view).collect())),
+        _ => unreachable!("a jobs query answers jobs"),
+    }
+}
+
+async fn get_job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<JobView>, ApiError> {
+    match read(&state, Query::Job(id.clone()), &params).await? {
+        Answer::Job(Some(job)) => Ok(Json(job_view(&job))),
+        Answer::Job(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))),
+        _ => unreachable!("a job query answers a job"),
+    }
+}
+
+async fn cancel_job(State(state): State<Arc<ApiState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let path = format!("/v1/jobs/{id}");
+    let op = Op::CancelJob { job_id: id.clone() };
+    write(&state, op, (Method::DELETE, &path, &headers, Bytes::new()), |outcome| match outcome {
+        Outcome::JobCancelled { job_id } => Json(serde_json::json!({ "id": job_id, "state": "cancelled" })).into_response(),
+        Outcome::JobNotFound { job_id } => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {job_id}")).into_response(),
+        Outcome::JobAlreadyFinal { job_id, state } => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("job {job_id} already ended: {}", state.as_str()),
+        )
+        .into_response(),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}")).into_response(),
+    })
+    .await
+}
+
+async fn cluster_status(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<ClusterView>, ApiError> {
+    // Membership as this node sees it; `stale` skips the leader round trip.
+    let answer = ask(&state, |reply| Event::Read { query: Query::Cluster, stale: params.stale, reply }).await;
+    match answer {
+        Ok(Answer::Cluster(view)) => Ok(Json(view)),
+        Ok(_) => unreachable!("a cluster query answers the cluster"),
+        Err(reason) => Err(reason.into()),
+    }
+}
+
+async fn remove_member(State(state): State<Arc<ApiState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Ok(node_id) = id.parse::<u64>() else {
+        return ApiError::invalid_field("id", format!("{id:?} is not a node id (a number from `gantry cluster status`)")).into_response();
+    };
+    match ask(&state, |reply| Event::RemoveMember { node_id, reply }).await {
+        Ok(_) => Json(serde_json::json!({ "removed": node_id })).into_response(),
+        Err(Unavailable::NotLeader { leader: Some(leader) }) => {
+            forward(&state, &leader.http_addr, Method::DELETE, &format!("/v1/cluster/members/{id}"), &headers, Bytes::new()).await
+        }
+        Err(reason) => ApiError::from(reason).into_response(),
+    }
+}
+
+async fn list_agents(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    match read(&state, Query::Agents, &params).await? {
+        Answer::Agents(agents) => Ok(Json(agents)),
+        _ => unreachable!("an agents query answers agents"),
+    }
+}
+
+async fn list_nodes(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<NodeView>>, ApiError> {
+    match read(&state, Query::Agents, &params).await? {
+        Answer::Agents(agents) => Ok(Json(agents.into_iter().flat_map(|agent| agent.nodes).collect())),
+        _ => unreachable!("an agents query answers agents"),
+    }
 }
 
 async fn create_token(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<CreateTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<CreateTokenResponse>), ApiError> {
-    let Json(request) = body.map_err(|rejection| {
-        ApiError::new(rejection.status(), "invalid_request", rejection.body_text())
-    })?;
-    let role: Role = request
-        .role
-        .parse()
-        .map_err(|e: String| ApiError::invalid_field("role", e))?;
+    let Json(request) = body.map_err(|rejection| ApiError::new(rejection.status(), "invalid_request", rejection.body_text()))?;
+    let role: Role = request.role.parse().map_err(|e: String| ApiError::invalid_field("role", e))?;
     let ttl_seconds = request.ttl_seconds.unwrap_or(TOKEN_TTL_SECONDS_DEFAULT);
     if ttl_seconds == 0 || ttl_seconds > TOKEN_TTL_SECONDS_MAX {
         return Err(ApiError::invalid_field(
@@ -166,24 +364,9 @@ async fn create_token(
             format!("must be between 1 and {TOKEN_TTL_SECONDS_MAX} (30 days), got {ttl_seconds}"),
         ));
     }
-    let now_unix_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let expires_at_unix_s = now_unix_s + ttl_seconds;
-    let token = JoinToken::mint(
-        &state.cluster_key,
-        &state.ca_sha256_hex,
-        role,
-        expires_at_unix_s,
-    );
+    let token = JoinToken::mint(&state.cluster_key, &state.ca_sha256_hex, role, expires_at_unix_s);
     tracing::info!(%role, ttl_seconds, "join token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreateTokenResponse {
-            token: token.to_string(),
-            role: role.to_string(),
-            expires_at_unix_s,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(CreateTokenResponse { token: token.to_string(), role: role.to_string(), expires_at_unix_s })))
 }

@@ -48,8 +48,10 @@ pub struct NodeView {
     pub cost_per_gpu_hour: f64,
     pub cost_per_cpu_hour: f64,
     pub software_version: String,
-    /// Milliseconds since the coordinator last heard from the agent.
-    pub last_heard_ms_ago: u64,
+    /// Milliseconds since the leader last heard from the agent; absent when a follower answers.
+    pub last_heard_ms_ago: Option<u64>,
+    /// When the agent became `ready` or `down` (the leader's clock, Unix milliseconds).
+    pub status_since_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,4 +93,51 @@ pub struct ErrorDetail {
     /// The request field at fault, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub name: String,
+    pub team: String,
+    pub kind: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// The spec as accepted, with every default filled in.
+    pub spec: serde_json::Value,
+    pub submitted_by: String,
+    pub submitted_at_unix_ms: u64,
+    pub updated_at_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitJobResponse {
+    pub id: String,
+    /// False when the Idempotency-Key named a job submitted before.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: u64,
+    /// The member's QUIC address (its `--listen`, or `--advertise-quic`).
+    pub addr: String,
+    pub http_addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// The last log index the member applied, as it last reported; absent if unknown.
+    pub applied_index: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The member that answered.
+    pub node: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub members: Vec<MemberView>,
 }

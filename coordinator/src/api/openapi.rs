@@ -1,0 +1,112 @@
+//! The OpenAPI 3.1 document of the HTTP API, served at `/v1/openapi.json`.
+
+use axum::Json;
+use serde_json::{json, Value};
+
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+fn ok(description: &str, schema: Value) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": schema } } })
+}
+
+fn schema(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn array_of(name: &str) -> Value {
+    json!({ "type": "array", "items": schema(name) })
+}
+
+fn stale_parameter() -> Value {
+    json!({ "name": "stale", "in": "query", "required": false, "schema": { "type": "boolean" },
+            "description": "Answer from this member's state without confirming leadership (may be behind)." })
+}
+
+pub fn spec() -> Value {
+    let unauthorized = error_response("Missing or wrong bearer token.");
+    let unavailable = error_response("No leader, or the write did not commit in time: retry (with the same Idempotency-Key).");
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "Gantry coordinator API", "version": env!("CARGO_PKG_VERSION") },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object",
+                    "required": ["code", "message"],
+                    "properties": { "code": { "type": "string" }, "message": { "type": "string" }, "field": { "type": "string" } } } } },
+                "JobSpec": { "type": "object", "required": ["name", "kind"], "description": "name, team, kind (training|batch|serving), image, command, env, resources {gpus, gpu_model, cpus, memory}, placement {sites, prefer, max_cost_per_hour}, priority, preemptible, and the section named after the kind.",
+                    "properties": { "name": { "type": "string" }, "team": { "type": "string" }, "kind": { "enum": ["training", "batch", "serving"] } } },
+                "Job": { "type": "object", "properties": { "id": { "type": "string" }, "name": { "type": "string" }, "team": { "type": "string" },
+                    "kind": { "type": "string" }, "state": { "enum": ["pending", "running", "succeeded", "failed", "cancelled"] },
+                    "spec": schema("JobSpec"), "submitted_by": { "type": "string" }, "submitted_at_unix_ms": { "type": "integer" },
+                    "updated_at_unix_ms": { "type": "integer" }, "idempotency_key": { "type": "string" } } },
+                "Submitted": { "type": "object", "properties": { "id": { "type": "string" }, "created": { "type": "boolean" } } },
+                "Node": { "type": "object", "properties": { "id": { "type": "string" }, "site": { "type": "string" },
+                    "status": { "enum": ["ready", "down"] }, "cpu_cores": { "type": "integer" }, "memory_bytes": { "type": "integer" },
+                    "gpus": { "type": "array" }, "runtimes": { "type": "array", "items": { "type": "string" } } } },
+                "Agent": { "type": "object", "properties": { "id": { "type": "string" }, "status": { "type": "string" }, "nodes": array_of("Node") } },
+                "Cluster": { "type": "object", "properties": { "node": { "type": "integer" }, "leader": { "type": ["integer", "null"] },
+                    "term": { "type": "integer" }, "commit_index": { "type": "integer" },
+                    "members": { "type": "array", "items": { "type": "object", "properties": { "id": { "type": "integer" },
+                        "addr": { "type": "string" }, "http_addr": { "type": "string" }, "role": { "enum": ["voter", "learner"] },
+                        "applied_index": { "type": ["integer", "null"] } } } } } },
+                "TokenRequest": { "type": "object", "required": ["role"], "properties": { "role": { "enum": ["agent", "coordinator"] }, "ttl_seconds": { "type": "integer", "minimum": 1 } } },
+                "Token": { "type": "object", "properties": { "token": { "type": "string" }, "role": { "type": "string" }, "expires_at_unix_s": { "type": "integer" } } }
+            }
+        },
+        "security": [{ "bearer": [] }],
+        "paths": {
+            "/healthz": { "get": { "security": [], "summary": "Liveness of this coordinator process.", "responses": { "200": ok("Alive.", json!({ "type": "object" })) } } },
+            "/v1/openapi.json": { "get": { "security": [], "summary": "This document.", "responses": { "200": ok("The document.", json!({ "type": "object" })) } } },
+            "/v1/jobs": {
+                "post": { "summary": "Submit a job. Answers only once the submission is committed on a quorum.",
+                    "parameters": [{ "name": "Idempotency-Key", "in": "header", "required": false, "schema": { "type": "string", "maxLength": 128 },
+                        "description": "Same key and spec: the same job (200). Same key, other spec: 409." }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": schema("JobSpec") } } },
+                    "responses": { "201": ok("Submitted.", schema("Submitted")), "200": ok("Submitted before with this key.", schema("Submitted")),
+                        "400": error_response("The spec is invalid; `field` names the field."), "401": unauthorized.clone(),
+                        "409": error_response("The Idempotency-Key was used with a different spec."), "413": error_response("Body over 1 MiB."),
+                        "503": unavailable.clone() } },
+                "get": { "summary": "List jobs.", "parameters": [stale_parameter()],
+                    "responses": { "200": ok("Jobs.", array_of("Job")), "401": unauthorized.clone(), "503": unavailable.clone() } }
+            },
+            "/v1/jobs/{id}": {
+                "get": { "summary": "One job.", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }, stale_parameter()],
+                    "responses": { "200": ok("The job.", schema("Job")), "404": error_response("No such job."), "401": unauthorized.clone(), "503": unavailable.clone() } },
+                "delete": { "summary": "Cancel a job.", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                    "responses": { "200": ok("Cancelled.", json!({ "type": "object" })), "404": error_response("No such job."),
+                        "409": error_response("The job already ended."), "401": unauthorized.clone(), "503": unavailable.clone() } }
+            },
+            "/v1/agents": { "get": { "summary": "Agents and their nodes.", "parameters": [stale_parameter()],
+                "responses": { "200": ok("Agents.", array_of("Agent")), "401": unauthorized.clone(), "503": unavailable.clone() } } },
+            "/v1/nodes": { "get": { "summary": "Every node of every agent.", "parameters": [stale_parameter()],
+                "responses": { "200": ok("Nodes.", array_of("Node")), "401": unauthorized.clone(), "503": unavailable.clone() } } },
+            "/v1/tokens": { "post": { "summary": "Create a join token.", "requestBody": { "required": true, "content": { "application/json": { "schema": schema("TokenRequest") } } },
+                "responses": { "201": ok("The token.", schema("Token")), "400": error_response("Bad role or TTL."), "401": unauthorized.clone() } } },
+            "/v1/cluster": { "get": { "summary": "Leader, term and members.", "parameters": [stale_parameter()],
+                "responses": { "200": ok("The cluster.", schema("Cluster")), "401": unauthorized.clone(), "503": unavailable.clone() } } },
+            "/v1/cluster/members/{id}": { "delete": { "summary": "Remove a member.", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "integer" } }],
+                "responses": { "200": ok("Removed.", json!({ "type": "object" })), "400": error_response("Not a node id."), "401": unauthorized, "503": unavailable } } }
+        }
+    })
+}
+
+pub async fn document() -> Json<Value> {
+    Json(spec())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_route_is_documented() {
+        let spec = super::spec();
+        let paths = spec["paths"].as_object().unwrap();
+        let routes = include_str!("mod.rs");
+        for line in routes.lines().filter(|l| l.trim_start().starts_with(".route(\"")) {
+            let path = line.split('"').nth(1).unwrap();
+            assert!(paths.contains_key(path), "{path} is served but not in the OpenAPI document");
+        }
+    }
+}

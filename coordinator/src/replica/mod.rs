@@ -1,0 +1,463 @@
+//! One coordinator's Raft replica: raft-rs's `RawNode`, the log it reads, the disk that makes the
+//! log durable, and the replicated state machine, driven through the Ready contract.
+//!
+//! Sans-IO in the way that matters: no clock, no network, no tokio. The caller ticks it, feeds it
+//! messages and proposals, and sends the messages [`Replica::handle_ready`] returns. The
+//! coordinator's event loop and the simulator drive the same code.
+//!
+//! The Ready contract (raft-rs's `RawNode` docs), in the order `handle_ready` follows it:
+//! 1. take the messages raft wants sent;
+//! 2. persist the snapshot, the new entries and the hard state, and fsync, in one batch;
+//! 3. restore the state machine from a received snapshot, then apply committed entries;
+//! 4. `advance`, persist the new commit index with the next batch, apply what `advance` committed;
+//! 5. return every message only now, after the writes they depend on are durable.
+
+pub mod disk;
+pub mod logging;
+pub mod machine;
+pub mod storage;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, StateRole, Storage};
+use storage::{Durable, LogStore, PersistBatch};
+
+/// What a replicated state machine must offer the replica.
+pub trait StateMachine {
+    type Outcome: Clone + std::fmt::Debug;
+
+    /// Applies a committed command. Returns the id of the request it answers, if any, and its
+    /// outcome. Must be deterministic: the same entries give the same state on every replica.
+    fn apply(&mut self, index: u64, data: &[u8]) -> (Option<u64>, Self::Outcome);
+
+    /// Applies a committed membership change (already applied to Raft's configuration).
+    fn apply_conf_change(
+        &mut self,
+        index: u64,
+        change: &ConfChange,
+    ) -> (Option<u64>, Self::Outcome);
+
+    fn snapshot(&self) -> Vec<u8>;
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    /// Ticks without a leader's heartbeat before an election (randomised up to twice this).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Bounds of the randomised election timeout, `[min, max)` ticks; 0 means raft-rs's defaults
+    /// (`election_tick` to twice it). raft-rs draws the timeout from its own thread-local random
+    /// source, so the simulator pins a per-node value with `max = min + 1` to stay replayable.
+    pub min_election_tick: usize,
+    pub max_election_tick: usize,
+    /// Take a snapshot and compact the log once this many entries were applied since the last.
+    pub snapshot_every_entries: u64,
+}
+
+impl ReplicaConfig {
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            min_election_tick: 0,
+            max_election_tick: 0,
+            snapshot_every_entries: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError<E: std::error::Error + 'static> {
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("disk: {0}")]
+    Disk(#[source] E),
+    #[error("state machine snapshot does not restore: {0}")]
+    Restore(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    NotLeader { leader_id: Option<u64> },
+    Dropped(String),
+}
+
+/// What one pass over Ready produced.
+#[derive(Debug)]
+pub struct Output<O> {
+    pub messages: Vec<Message>,
+    /// Committed and applied: (log index, request id it answers, outcome).
+    pub applied: Vec<(u64, Option<u64>, O)>,
+    /// Linearizable reads: (request context, index the state must reach before answering).
+    pub reads: Vec<(Vec<u8>, u64)>,
+    /// The leader this node now follows (or is), when that changed.
+    pub leader_changed: Option<Option<u64>>,
+}
+
+impl<O> Default for Output<O> {
+    fn default() -> Self {
+        Self {
+            messages: Vec::new(),
+            applied: Vec::new(),
+            reads: Vec::new(),
+            leader_changed: None,
+        }
+    }
+}
+
+pub struct Replica<M: StateMachine, D: Durable> {
+    raw: RawNode<LogStore>,
+    machine: M,
+    disk: D,
+    config: ReplicaConfig,
+    applied: u64,
+    /// The commit index advanced in memory and not yet written with a batch.
+    commit_dirty: bool,
+    leader: Option<u64>,
+}
+
+fn raft_config(config: &ReplicaConfig, applied: u64) -> raft::Config {
+    raft::Config {
+        id: config.id,
+        election_tick: config.election_tick,
+        heartbeat_tick: config.heartbeat_tick,
+        min_election_tick: config.min_election_tick,
+        max_election_tick: config.max_election_tick,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        ..Default::default()
+    }
+}
+
+impl<M: StateMachine, D: Durable> Replica<M, D> {
+    /// Opens the replica stored on `disk`. A node that has never stored anything starts empty and
+    /// waits for a leader to send it a snapshot, unless `bootstrap_voters` is given: then it
+    /// starts a new cluster with those voters (just itself for `--init`; every node of a static
+    /// cluster in the simulator, each bootstrapped identically).
+    pub fn open(
+        config: ReplicaConfig,
+        mut machine: M,
+        mut disk: D,
+        bootstrap_voters: Option<&[u64]>,
+        logger: &slog::Logger,
+    ) -> Result<Self, ReplicaError<D::Error>> {
+        let recovered = match disk.load().map_err(ReplicaError::Disk)? {
+            Some(recovered) => recovered,
+            None if bootstrap_voters.is_some() => {
+                let voters = bootstrap_voters.unwrap_or_default().to_vec();
+                // Like raft-rs's examples: an initial snapshot at index 1 carries the first
+                // configuration, so every node that joins later starts from a snapshot.
+                let mut snapshot = Snapshot::default();
+                snapshot.mut_metadata().index = 1;
+                snapshot.mut_metadata().term = 1;
+                snapshot.mut_metadata().mut_conf_state().voters = voters;
+                snapshot.data = machine.snapshot().into();
+                let batch = PersistBatch {
+                    snapshot: Some(snapshot),
+                    ..Default::default()
+                };
+                disk.persist(&batch).map_err(ReplicaError::Disk)?;
+                disk.load()
+                    .map_err(ReplicaError::Disk)?
+                    .expect("a bootstrap snapshot was just written")
+            }
+            None => Default::default(),
+        };
+        let store = LogStore::from_recovered(recovered);
+        let snapshot = store.snapshot(0, 0)?;
+        if !snapshot.data.is_empty() {
+            machine
+                .restore(&snapshot.data)
+                .map_err(ReplicaError::Restore)?;
+        }
+        let applied = store.snapshot_index();
+        let raw = RawNode::new(&raft_config(&config, applied), store, logger)?;
+        Ok(Self {
+            raw,
+            machine,
+            disk,
+            config,
+            applied,
+            commit_dirty: false,
+            leader: None,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn commit(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader_id(&self) -> Option<u64> {
+        match self.raw.raft.leader_id {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    /// The highest log index the leader knows `peer` holds (leader only).
+    pub fn matched(&self, peer: u64) -> Option<u64> {
+        self.raw
+            .raft
+            .prs()
+            .get(peer)
+            .map(|progress| progress.matched)
+    }
+
+    /// The entry at `index`, if the log still holds it.
+    pub fn log_entry(&self, index: u64) -> Option<Entry> {
+        self.raw.store().entries(index, index + 1, None, raft::GetEntriesContext::empty(false)).ok()?.pop()
+    }
+
+    pub fn first_log_index(&self) -> u64 {
+        self.raw.store().snapshot_index() + 1
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn campaign(&mut self) -> Result<(), raft::Error> {
+        self.raw.campaign()
+    }
+
+    /// Feeds a message from a peer. Messages that make no sense now (a stale term, an unknown
+    /// peer) are dropped by raft; only a broken invariant is an error.
+    pub fn step(&mut self, message: Message) -> Result<(), raft::Error> {
+        match self.raw.step(message) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader_id: self.leader_id(),
+            });
+        }
+        self.raw
+            .propose(Vec::new(), data)
+            .map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
+    pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader_id: self.leader_id(),
+            });
+        }
+        self.raw
+            .propose_conf_change(Vec::new(), change)
+            .map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
+    /// Asks for a linearizable read; the answer comes back in [`Output::reads`] with `context`.
+    pub fn read_index(&mut self, context: Vec<u8>) {
+        self.raw.read_index(context);
+    }
+
+    /// The transport tells raft whether a snapshot it sent arrived. Until it hears, raft sends
+    /// that follower nothing more, so a lost snapshot must be reported or the follower stalls.
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+        self.raw.report_snapshot(to, status);
+    }
+
+    /// The transport could not reach `to`; raft slows down sending to it.
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.raw.report_unreachable(to);
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    fn persist(&mut self, mut batch: PersistBatch) -> Result<(), ReplicaError<D::Error>> {
+        if self.commit_dirty && batch.hard_state.is_none() {
+            batch.hard_state = Some(self.raw.store().hard_state().clone());
+        }
+        if let Some(hard_state) = &mut batch.hard_state {
+            hard_state.commit = hard_state.commit.max(self.raw.store().hard_state().commit);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
+        self.raw.mut_store().apply(&batch);
+        self.commit_dirty = false;
+        Ok(())
+    }
+
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        output: &mut Output<M::Outcome>,
+    ) -> Result<(), ReplicaError<D::Error>> {
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue;
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => {
+                    let (request_id, outcome) = self.machine.apply(entry.index, &entry.data);
+                    output.applied.push((entry.index, request_id, outcome));
+                }
+                EntryType::EntryConfChange => {
+                    let change = ConfChange::parse_from_bytes(&entry.data).map_err(|e| {
+                        raft::Error::ConfChangeError(format!(
+                            "committed conf change does not decode: {e}"
+                        ))
+                    })?;
+                    let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.persist(PersistBatch {
+                        conf_state: Some(conf_state),
+                        ..Default::default()
+                    })?;
+                    let (request_id, outcome) =
+                        self.machine.apply_conf_change(entry.index, &change);
+                    output.applied.push((entry.index, request_id, outcome));
+                }
+                EntryType::EntryConfChangeV2 => {
+                    return Err(raft::Error::ConfChangeError(
+                        "joint consensus changes are not used".into(),
+                    )
+                    .into());
+                }
+            }
+            self.applied = entry.index;
+        }
+        Ok(())
+    }
+
+    /// Runs the Ready contract once, if raft has anything ready.
+    pub fn handle_ready(&mut self) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+        let mut output = Output::default();
+        if !self.raw.has_ready() {
+            return Ok(output);
+        }
+        let mut ready = self.raw.ready();
+        if let Some(soft) = ready.ss() {
+            let leader = match soft.leader_id {
+                0 => None,
+                id => Some(id),
+            };
+            if leader != self.leader {
+                self.leader = leader;
+                output.leader_changed = Some(leader);
+            }
+        }
+        output.messages.extend(ready.take_messages());
+        let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
+        let batch = PersistBatch {
+            snapshot: snapshot.clone(),
+            entries: ready.take_entries(),
+            hard_state: ready.hs().cloned(),
+            ..Default::default()
+        };
+        self.persist(batch)?;
+        if let Some(snapshot) = snapshot {
+            self.machine
+                .restore(&snapshot.data)
+                .map_err(ReplicaError::Restore)?;
+            self.applied = snapshot.get_metadata().index;
+        }
+        self.apply_entries(ready.take_committed_entries(), &mut output)?;
+        output.reads.extend(
+            ready
+                .take_read_states()
+                .into_iter()
+                .map(|state| (state.request_ctx, state.index)),
+        );
+        output.messages.extend(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hard_state = self.raw.store().hard_state().clone();
+            hard_state.commit = commit;
+            self.raw.mut_store().apply(&PersistBatch {
+                hard_state: Some(hard_state),
+                ..Default::default()
+            });
+            self.commit_dirty = true;
+        }
+        output.messages.extend(light.take_messages());
+        self.apply_entries(light.take_committed_entries(), &mut output)?;
+        self.raw.advance_apply_to(self.applied);
+        self.maybe_compact()?;
+        Ok(output)
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), ReplicaError<D::Error>> {
+        if self.applied < self.raw.store().snapshot_index() + self.config.snapshot_every_entries {
+            return Ok(());
+        }
+        let batch = self
+            .raw
+            .store()
+            .compaction_batch(self.applied, self.machine.snapshot());
+        self.persist(batch)
+    }
+}
+
+impl<M: StateMachine, D: Durable> Replica<M, D> {
+    /// Whether `peer` is a learner (not yet a voter).
+    pub fn is_learner(&self, peer: u64) -> bool {
+        self.raw.raft.prs().conf().learners().contains(&peer)
+    }
+
+    pub fn voters(&self) -> Vec<u64> {
+        let mut voters: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        voters
+    }
+
+    pub fn learners(&self) -> Vec<u64> {
+        let mut learners: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .conf()
+            .learners()
+            .iter()
+            .copied()
+            .collect();
+        learners.sort_unstable();
+        learners
+    }
+}

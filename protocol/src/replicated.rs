@@ -1,0 +1,82 @@
+//! The commands in the coordinators' Raft log. Every replica decodes the same bytes and applies
+//! them the same way, so this encoding is as much a wire format as any message: it changes only
+//! with [`crate::PROTOCOL_VERSION`].
+
+use crate::messages::Register;
+use serde::{Deserialize, Serialize};
+
+/// One entry of the replicated log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Chosen by the proposing node, unique per node; the node waiting on the answer matches it.
+    pub request_id: u64,
+    /// The leader's wall clock when it proposed: the only time the state machine ever sees.
+    pub at_unix_ms: u64,
+    /// Who asked (for the audit log): "admin", "agent:ID", "coordinator:ID".
+    pub actor: String,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    SubmitJob {
+        /// Chosen by the proposer, so that apply stays deterministic.
+        job_id: String,
+        idempotency_key: Option<String>,
+        /// The canonical JSON of a validated `JobSpec`.
+        spec_json: String,
+    },
+    CancelJob {
+        job_id: String,
+    },
+    /// An agent registered (or re-registered) with this capacity; it is `ready`.
+    AgentRegistered {
+        agent_id: String,
+        register: Register,
+    },
+    /// The leader's liveness tracker saw the agent silent past its TTL.
+    AgentDown {
+        agent_id: String,
+    },
+    /// A down agent was heard from again.
+    AgentUp {
+        agent_id: String,
+    },
+}
+
+/// The context of a membership change in the log: who the member is, and who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberChange {
+    pub request_id: u64,
+    pub node_id: u64,
+    pub quic_addr: String,
+    pub http_addr: String,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("replicated types always encode")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip() {
+        for op in [
+            Op::SubmitJob { job_id: "j-1".into(), idempotency_key: Some("k".into()), spec_json: "{}".into() },
+            Op::CancelJob { job_id: "j-1".into() },
+            Op::AgentDown { agent_id: "agent-1".into() },
+            Op::AgentUp { agent_id: "agent-1".into() },
+        ] {
+            let command = Command { request_id: 9, at_unix_ms: 1, actor: "admin".into(), op };
+            assert_eq!(decode::<Command>(&encode(&command)).unwrap(), command);
+        }
+        let change = MemberChange { request_id: 1, node_id: 2, quic_addr: "a".into(), http_addr: "b".into() };
+        assert_eq!(decode::<MemberChange>(&encode(&change)).unwrap(), change);
+    }
+}
