@@ -41,11 +41,29 @@ impl ApiClient {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(reqwest::Method::GET, path, None::<&()>).await
+        self.send(reqwest::Method::GET, path, None::<&()>, None)
+            .await
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.send(reqwest::Method::POST, path, Some(body)).await
+        self.send(reqwest::Method::POST, path, Some(body), None)
+            .await
+    }
+
+    /// A POST that is safe to send to the next coordinator if one fails mid-request.
+    pub async fn post_idempotent<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        key: &str,
+    ) -> Result<T> {
+        self.send(reqwest::Method::POST, path, Some(body), Some(key))
+            .await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(reqwest::Method::DELETE, path, None::<&()>, None)
+            .await
     }
 
     async fn send<B: Serialize, T: DeserializeOwned>(
@@ -53,6 +71,7 @@ impl ApiClient {
         method: reqwest::Method,
         path: &str,
         body: Option<&B>,
+        idempotency_key: Option<&str>,
     ) -> Result<T> {
         let mut failures = Vec::new();
         for base in &self.bases {
@@ -63,9 +82,18 @@ impl ApiClient {
             if let Some(body) = body {
                 request = request.json(body);
             }
+            if let Some(key) = idempotency_key {
+                request = request.header("Idempotency-Key", key);
+            }
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) if e.is_connect() || e.is_timeout() => {
+                // A connection refused never reached the server; a timeout may have, so only
+                // requests that are safe to repeat move on after one.
+                Err(e)
+                    if e.is_connect()
+                        || (e.is_timeout()
+                            && (method == reqwest::Method::GET || idempotency_key.is_some())) =>
+                {
                     failures.push(format!("{base}: {e}"));
                     continue;
                 }
@@ -87,6 +115,13 @@ impl ApiClient {
                 },
                 Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
             };
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && self.bases.len() > 1
+                && (method == reqwest::Method::GET || idempotency_key.is_some())
+            {
+                failures.push(format!("{base}: {message}"));
+                continue;
+            }
             if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
                 bail!("{message}\nset GANTRY_TOKEN or pass --token");
             }

@@ -7,7 +7,9 @@ mod demo;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::ApiClient;
-use gantry_coordinator::api::types::{CreateTokenRequest, CreateTokenResponse, NodeView};
+use gantry_coordinator::api::types::{
+    ClusterView, CreateTokenRequest, CreateTokenResponse, JobView, NodeView, SubmitJobResponse,
+};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,45 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Submit a job file (YAML, TOML or JSON); prints the job id alone on stdout.
+    Submit {
+        /// The job spec; its extension (.yaml, .yml, .toml, .json) says its format.
+        file: PathBuf,
+        /// Makes retries safe: the same key and spec give the same job [default: a new random key].
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one job.
+    Status {
+        /// The job id `gantry submit` printed.
+        job: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel a job.
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The coordinators' Raft group: status and membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List the fleet's nodes with their capacity and status.
     Nodes {
         /// Output format.
@@ -67,6 +108,17 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Leader, term, and each member's address, role and applied index.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Remove a member (by the id `gantry cluster status` shows).
+    Remove { node_id: u64 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,8 +143,23 @@ struct CoordinatorArgs {
     #[arg(long, env = "GANTRY_HTTP")]
     http: Option<SocketAddr>,
     /// Create a new cluster (CA, cluster key, admin token) if the data dir holds none.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     init: bool,
+    /// Join an existing cluster: a token from `gantry token create --role coordinator`, '@', and
+    /// any member's --listen address. Needed only the first time; a restart uses the data dir.
+    #[arg(
+        long,
+        env = "GANTRY_COORDINATOR_JOIN",
+        hide_env_values = true,
+        value_name = "TOKEN@SEED_ADDR"
+    )]
+    join: Option<String>,
+    /// The QUIC address other coordinators and agents use to reach this one [default: --listen].
+    #[arg(long, env = "GANTRY_ADVERTISE_QUIC")]
+    advertise_quic: Option<SocketAddr>,
+    /// The HTTP address other coordinators forward writes to [default: --http].
+    #[arg(long, env = "GANTRY_ADVERTISE_HTTP")]
+    advertise_http: Option<SocketAddr>,
     /// How often agents heartbeat [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -222,6 +289,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
             api,
         } => create_token(&api, role, ttl).await,
         Command::Nodes { output, api } => list_nodes(&api, output).await,
+        Command::Submit {
+            file,
+            idempotency_key,
+            api,
+        } => submit(&api, &file, idempotency_key).await,
+        Command::Jobs { output, api } => list_jobs(&api, output).await,
+        Command::Status { job, output, api } => job_status(&api, &job, output).await,
+        Command::Cancel { job, api } => cancel(&api, &job).await,
+        Command::Cluster { command, api } => cluster(&api, command).await,
         Command::Demo { keep } => demo::run(keep).await,
     }
 }
@@ -273,18 +349,30 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             config.agent_cert_ttl
         );
     }
+    config.advertise_quic = args.advertise_quic;
+    config.advertise_http = args.advertise_http;
+    let mut membership = gantry_coordinator::Membership::Existing;
     if !gantry_coordinator::data_dir::is_initialized(&data_dir) {
-        if !args.init {
+        if let Some(join) = &args.join {
+            let (token, seed) = gantry_coordinator::join::parse_join(join)?;
+            membership = gantry_coordinator::Membership::Join { token, seed };
+        } else if args.init {
+            gantry_coordinator::data_dir::init(&data_dir)?;
+            eprintln!(
+                "created a new cluster in {}; the admin API token is in {}",
+                data_dir.display(),
+                data_dir.join("admin.token").display()
+            );
+        } else {
             bail!(
-                "data dir {} holds no cluster: pass --init to create one",
+                "data dir {} holds no cluster: pass --init to create one, or --join TOKEN@SEED_ADDR to join one",
                 data_dir.display()
             );
         }
-        gantry_coordinator::data_dir::init(&data_dir)?;
+    } else if args.join.is_some() {
         eprintln!(
-            "created a new cluster in {}; the admin API token is in {}",
-            data_dir.display(),
-            data_dir.join("admin.token").display()
+            "{} already belongs to a cluster; --join is ignored",
+            data_dir.display()
         );
     }
     let listeners = gantry_coordinator::Listeners {
@@ -293,7 +381,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         http: std::net::TcpListener::bind(http)
             .with_context(|| format!("bind HTTP address {http}"))?,
     };
-    gantry_coordinator::run(config, listeners, shutdown_signal()).await
+    gantry_coordinator::run_with(config, listeners, membership, shutdown_signal()).await
 }
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
@@ -405,4 +493,153 @@ pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+fn random_key() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("cli-{nanos:x}-{:x}", std::process::id())
+}
+
+async fn submit(api: &ApiArgs, file: &Path, idempotency_key: Option<String>) -> Result<()> {
+    use gantry_protocol::jobspec::{parse_spec, SpecFormat};
+    let format = SpecFormat::from_path(file).with_context(|| {
+        format!(
+            "{}: name the file .yaml, .yml, .toml or .json so its format is known",
+            file.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("read job file {}", file.display()))?;
+    let spec = parse_spec(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let key = idempotency_key.unwrap_or_else(random_key);
+    let response: SubmitJobResponse = client.post_idempotent("/v1/jobs", &spec, &key).await?;
+    if !response.created {
+        eprintln!(
+            "this Idempotency-Key was used before: job {} already exists",
+            response.id
+        );
+    }
+    println!("{}", response.id);
+    Ok(())
+}
+
+fn local_time(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+        .to_string()
+}
+
+async fn list_jobs(api: &ApiArgs, output: Output) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let jobs: Vec<JobView> = client.get("/v1/jobs").await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
+        Output::Table => {
+            let rows: Vec<[String; 6]> = jobs
+                .iter()
+                .map(|j| {
+                    [
+                        j.id.clone(),
+                        j.name.clone(),
+                        j.team.clone(),
+                        j.kind.clone(),
+                        j.state.clone(),
+                        local_time(j.submitted_at_unix_ms),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "NAME", "TEAM", "KIND", "STATE", "SUBMITTED"], &rows);
+        }
+    }
+    Ok(())
+}
+
+async fn job_status(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let view: JobView = client.get(&format!("/v1/jobs/{job}")).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Table => {
+            let rows = [
+                ["ID".to_string(), view.id.clone()],
+                ["NAME".into(), view.name.clone()],
+                ["TEAM".into(), view.team.clone()],
+                ["KIND".into(), view.kind.clone()],
+                ["STATE".into(), view.state.clone()],
+                [
+                    "SUBMITTED".into(),
+                    format!(
+                        "{} by {}",
+                        local_time(view.submitted_at_unix_ms),
+                        view.submitted_by
+                    ),
+                ],
+                ["UPDATED".into(), local_time(view.updated_at_unix_ms)],
+            ];
+            print_table(&["FIELD", "VALUE"], &rows);
+        }
+    }
+    Ok(())
+}
+
+async fn cancel(api: &ApiArgs, job: &str) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let _: serde_json::Value = client.delete(&format!("/v1/jobs/{job}")).await?;
+    eprintln!("cancelled {job}");
+    Ok(())
+}
+
+async fn cluster(api: &ApiArgs, command: ClusterCommand) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    match command {
+        ClusterCommand::Status { output } => {
+            let view: ClusterView = client.get("/v1/cluster").await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+                Output::Table => {
+                    let leader = view
+                        .leader
+                        .map(|id| id.to_string())
+                        .unwrap_or_else(|| "none".into());
+                    println!(
+                        "leader {leader}, term {}, commit index {}",
+                        view.term, view.commit_index
+                    );
+                    let rows: Vec<[String; 5]> = view
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let role = if Some(m.id) == view.leader {
+                                "leader".to_string()
+                            } else {
+                                m.role.clone()
+                            };
+                            let applied = m
+                                .applied_index
+                                .map(|i| i.to_string())
+                                .unwrap_or_else(|| "?".into());
+                            [
+                                m.id.to_string(),
+                                m.addr.clone(),
+                                m.http_addr.clone(),
+                                role,
+                                applied,
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "ADDR", "HTTP", "ROLE", "APPLIED"], &rows);
+                }
+            }
+        }
+        ClusterCommand::Remove { node_id } => {
+            let _: serde_json::Value = client
+                .delete(&format!("/v1/cluster/members/{node_id}"))
+                .await?;
+            eprintln!("removed member {node_id}");
+        }
+    }
+    Ok(())
 }

@@ -392,7 +392,10 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
         .api
         .wait_status(&id, "ready", Duration::from_secs(1))
         .await;
-    assert!(node.last_heard_ms_ago.unwrap() < TTL.as_millis() as u64, "{node:?}");
+    assert!(
+        node.last_heard_ms_ago.unwrap() < TTL.as_millis() as u64,
+        "{node:?}"
+    );
     agent.stop().await;
     coordinator.stop().await;
 }

@@ -225,9 +225,9 @@ async fn join_one(
             tracing::info!(%identity, coordinator = %addr, "joined the cluster");
             Ok((ca_der, cert_der, key.serialize_pem()))
         }
-        Ok(JoinResponse::AcceptedCoordinator(_)) | Ok(JoinResponse::Redirect { .. }) => {
-            Err(unreachable(&"the coordinator answered an agent's join as if it were a coordinator's"))
-        }
+        Ok(JoinResponse::AcceptedCoordinator(_)) | Ok(JoinResponse::Redirect { .. }) => Err(
+            unreachable(&"the coordinator answered an agent's join as if it were a coordinator's"),
+        ),
         Ok(JoinResponse::Refused(error)) => Err(JoinError::Refused {
             code: error.code,
             message: error.message,

@@ -28,6 +28,8 @@ pub struct ClusterFiles {
     pub node_id: u64,
     pub credentials: NodeCredentials,
     pub admin_token: String,
+    /// For a node that joined: the members it was told of, until the leader's snapshot arrives.
+    pub join_members: Vec<(u64, String, String)>,
 }
 
 fn path(dir: &Path, name: &str) -> PathBuf {
@@ -100,6 +102,14 @@ pub fn write_joined(
     write_file_atomic(&path(dir, "node.id"), node_id.to_string().as_bytes(), false)?;
     let cert_pem = pki::der_to_pem(&grant.cert_der, "CERTIFICATE");
     write_file_atomic(&path(dir, "node.crt"), cert_pem.as_bytes(), false)?;
+    let members = serde_json::to_vec(
+        &grant
+            .members
+            .iter()
+            .map(|m| (m.node_id, &m.quic_addr, &m.http_addr))
+            .collect::<Vec<_>>(),
+    )?;
+    write_file_atomic(&path(dir, "join-members.json"), &members, false)?;
     let ca_pem = pki::der_to_pem(&grant.ca_der, "CERTIFICATE");
     write_file_atomic(&path(dir, "ca.crt"), ca_pem.as_bytes(), false)?;
     Ok(())
@@ -134,7 +144,10 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
     let ca = ClusterCa::from_pem(&read(dir, "ca.crt")?, &read(dir, "ca.key")?)
         .context("load the cluster CA")?;
     let cluster_key = hex::decode(read(dir, "cluster.key")?.trim()).context("parse cluster.key")?;
-    let node_id: u64 = read(dir, "node.id")?.trim().parse().context("parse node.id")?;
+    let node_id: u64 = read(dir, "node.id")?
+        .trim()
+        .parse()
+        .context("parse node.id")?;
     let mut cert_der = pki::pem_to_der(&read(dir, "node.crt")?, "CERTIFICATE")?;
     let now = SystemTime::now();
     let not_after = pki::parse_certificate(&cert_der)?.not_after_unix;
@@ -153,12 +166,17 @@ pub fn load(dir: &Path) -> Result<ClusterFiles> {
         key_der: pki::private_key_der(&key),
     };
     let admin_token = read(dir, "admin.token")?.trim().to_string();
+    let join_members = match fs::read(path(dir, "join-members.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes).context("parse join-members.json")?,
+        Err(_) => Vec::new(),
+    };
     Ok(ClusterFiles {
         ca,
         cluster_key,
         node_id,
         credentials,
         admin_token,
+        join_members,
     })
 }
 

@@ -30,7 +30,13 @@ pub fn parse_join(text: &str) -> Result<(String, String)> {
     Ok((token.to_string(), seed.to_string()))
 }
 
-pub async fn join_cluster(dir: &Path, token_text: &str, seed: &str, quic: SocketAddr, http: SocketAddr) -> Result<()> {
+pub async fn join_cluster(
+    dir: &Path,
+    token_text: &str,
+    seed: &str,
+    quic: SocketAddr,
+    http: SocketAddr,
+) -> Result<()> {
     let token = JoinToken::parse(token_text)?;
     let node_id = data_dir::new_node_id();
     let identity = data_dir::coordinator_identity(node_id);
@@ -40,7 +46,11 @@ pub async fn join_cluster(dir: &Path, token_text: &str, seed: &str, quic: Socket
         role: Role::Coordinator,
         name: identity,
         csr_der,
-        coordinator: Some(CoordinatorJoin { node_id, quic_addr: quic.to_string(), http_addr: http.to_string() }),
+        coordinator: Some(CoordinatorJoin {
+            node_id,
+            quic_addr: quic.to_string(),
+            http_addr: http.to_string(),
+        }),
     };
     let mut target = seed.to_string();
     for _ in 0..=REDIRECTS_MAX {
@@ -60,8 +70,12 @@ pub async fn join_cluster(dir: &Path, token_text: &str, seed: &str, quic: Socket
                 tracing::info!(from = %target, to = %leader_addr, "join redirected to the leader");
                 target = leader_addr;
             }
-            JoinResponse::Refused(error) => bail!("the cluster refused the join: {}", error.message),
-            JoinResponse::Accepted { .. } => bail!("{target} answered a coordinator's join as an agent's"),
+            JoinResponse::Refused(error) => {
+                bail!("the cluster refused the join: {}", error.message)
+            }
+            JoinResponse::Accepted { .. } => {
+                bail!("{target} answered a coordinator's join as an agent's")
+            }
         }
     }
     bail!("gave up after {REDIRECTS_MAX} redirects: the cluster may be electing a leader; retry")
@@ -74,9 +88,16 @@ async fn ask(target: &str, token: &JoinToken, request: &JoinRequest) -> Result<J
         .next()
         .with_context(|| format!("{target} resolved to nothing"))?;
     let observation: PinObservation = Arc::new(Mutex::new(None));
-    let config = transport::quinn_client_config(tls::pinned_client_config(&token.ca_sha256_hex, ALPN_JOIN, observation.clone())?)?;
+    let config = transport::quinn_client_config(tls::pinned_client_config(
+        &token.ca_sha256_hex,
+        ALPN_JOIN,
+        observation.clone(),
+    )?)?;
     let endpoint = transport::client_endpoint(addr)?;
-    let connection = match endpoint.connect_with(config, addr, COORDINATOR_SERVER_NAME)?.await {
+    let connection = match endpoint
+        .connect_with(config, addr, COORDINATOR_SERVER_NAME)?
+        .await
+    {
         Ok(connection) => connection,
         Err(e) => {
             if let Some(mismatch) = observation.lock().expect("observation lock").take() {
@@ -89,7 +110,8 @@ async fn ask(target: &str, token: &JoinToken, request: &JoinRequest) -> Result<J
             bail!("connect to {target}: {e}");
         }
     };
-    let (mut send, mut recv, _) = transport::client_hello(&connection, "gantry-coordinator").await?;
+    let (mut send, mut recv, _) =
+        transport::client_hello(&connection, "gantry-coordinator").await?;
     send.send(request).await?;
     let response = recv.expect::<JoinResponse>().await?;
     connection.close(0u32.into(), b"done");
@@ -103,8 +125,14 @@ mod tests {
 
     #[test]
     fn join_arguments_split_at_the_last_at_sign() {
-        assert_eq!(parse_join("gantry1.a.b@127.0.0.1:7443").unwrap(), ("gantry1.a.b".into(), "127.0.0.1:7443".into()));
-        assert!(parse_join("no-seed").unwrap_err().to_string().contains("TOKEN@SEED_ADDR"));
+        assert_eq!(
+            parse_join("gantry1.a.b@127.0.0.1:7443").unwrap(),
+            ("gantry1.a.b".into(), "127.0.0.1:7443".into())
+        );
+        assert!(parse_join("no-seed")
+            .unwrap_err()
+            .to_string()
+            .contains("TOKEN@SEED_ADDR"));
         assert!(parse_join("token@").is_err());
     }
 }

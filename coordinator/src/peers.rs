@@ -51,7 +51,12 @@ impl Drop for PeerTransport {
 
 impl PeerTransport {
     pub fn new(self_id: u64, credentials: NodeCredentials, events: Handle) -> Self {
-        Self { self_id, credentials, events, links: BTreeMap::new() }
+        Self {
+            self_id,
+            credentials,
+            events,
+            links: BTreeMap::new(),
+        }
     }
 
     /// Opens links to new members, closes links to removed ones, and re-opens a link whose
@@ -77,7 +82,14 @@ impl PeerTransport {
                 receiver,
                 self.events.clone(),
             ));
-            self.links.insert(id, Link { addr: member.quic_addr.clone(), queue, task });
+            self.links.insert(
+                id,
+                Link {
+                    addr: member.quic_addr.clone(),
+                    queue,
+                    task,
+                },
+            );
         }
     }
 
@@ -88,7 +100,10 @@ impl PeerTransport {
         for message in messages {
             let to = message.to;
             let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            let queued = self.links.get(&to).is_some_and(|link| link.queue.try_send(Outgoing::Raft(message)).is_ok());
+            let queued = self
+                .links
+                .get(&to)
+                .is_some_and(|link| link.queue.try_send(Outgoing::Raft(message)).is_ok());
             if !queued && is_snapshot {
                 failed_snapshots.push(to);
             }
@@ -103,7 +118,10 @@ impl PeerTransport {
     }
 }
 
-async fn connect(addr: &str, credentials: &NodeCredentials) -> Result<(quinn::Endpoint, quinn::Connection, FramedSend), String> {
+async fn connect(
+    addr: &str,
+    credentials: &NodeCredentials,
+) -> Result<(quinn::Endpoint, quinn::Connection, FramedSend), String> {
     let remote = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("resolve {addr}: {e}"))?
@@ -112,18 +130,30 @@ async fn connect(addr: &str, credentials: &NodeCredentials) -> Result<(quinn::En
     let tls = tls::client_config(credentials, ALPN_PEER).map_err(|e| e.to_string())?;
     let config = transport::quinn_client_config(tls).map_err(|e| e.to_string())?;
     let endpoint = transport::client_endpoint(remote).map_err(|e| e.to_string())?;
-    let connecting = endpoint.connect_with(config, remote, COORDINATOR_SERVER_NAME).map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(config, remote, COORDINATOR_SERVER_NAME)
+        .map_err(|e| e.to_string())?;
     let connection = tokio::time::timeout(Duration::from_secs(3), connecting)
         .await
         .map_err(|_| "handshake timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let (send, _recv, _version) = transport::client_hello(&connection, "gantry-coordinator").await.map_err(|e| e.to_string())?;
+    let (send, _recv, _version) = transport::client_hello(&connection, "gantry-coordinator")
+        .await
+        .map_err(|e| e.to_string())?;
     Ok((endpoint, connection, send))
 }
 
 async fn report_snapshots(events: &Handle, batch: &[Message], delivered: bool) {
-    for message in batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
-        let _ = events.send(Event::SnapshotReport { to: message.to, delivered }).await;
+    for message in batch
+        .iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+    {
+        let _ = events
+            .send(Event::SnapshotReport {
+                to: message.to,
+                delivered,
+            })
+            .await;
     }
 }
 
@@ -176,12 +206,23 @@ async fn run_link(
             }
             let mut result = Ok(());
             if !raft.is_empty() {
-                let encoded = raft.iter().map(|m| m.write_to_bytes().expect("raft messages encode")).collect();
-                let envelope = PeerEnvelope { from_node: self_id, to_node: peer_id, payload: PeerPayload::Raft(encoded) };
+                let encoded = raft
+                    .iter()
+                    .map(|m| m.write_to_bytes().expect("raft messages encode"))
+                    .collect();
+                let envelope = PeerEnvelope {
+                    from_node: self_id,
+                    to_node: peer_id,
+                    payload: PeerPayload::Raft(encoded),
+                };
                 result = send.send(&envelope).await;
             }
             if let (Ok(()), Some(applied_index)) = (&result, status) {
-                let envelope = PeerEnvelope { from_node: self_id, to_node: peer_id, payload: PeerPayload::Status { applied_index } };
+                let envelope = PeerEnvelope {
+                    from_node: self_id,
+                    to_node: peer_id,
+                    payload: PeerPayload::Status { applied_index },
+                };
                 result = send.send(&envelope).await;
             }
             report_snapshots(&events, &raft, result.is_ok()).await;

@@ -2,6 +2,7 @@
 //! by ALPN and certificate role, and turns their messages into events for the loop.
 
 use crate::data_dir::ClusterFiles;
+use crate::server::Unavailable;
 use crate::server::{Event, Handle};
 use anyhow::Result;
 use gantry_protocol::pki::ClusterCa;
@@ -9,7 +10,6 @@ use gantry_protocol::token::{JoinToken, TokenError};
 use gantry_protocol::transport::{
     self, close_code, server_hello, TransportError, ALPN_AGENT, ALPN_JOIN, ALPN_PEER,
 };
-use crate::server::Unavailable;
 use gantry_protocol::{
     AgentMessage, CoordinatorGrant, CoordinatorMessage, ErrorCode, JoinRequest, JoinResponse,
     PeerEnvelope, PeerPayload, Register, Role, WireError,
@@ -112,7 +112,9 @@ async fn handle_connection(
             ),
         },
         ALPN_PEER => match identity {
-            Some(identity) if identity.role == Role::Coordinator => peer_session(connection, context).await,
+            Some(identity) if identity.role == Role::Coordinator => {
+                peer_session(connection, context).await
+            }
             Some(identity) => refuse(
                 connection,
                 &format!(
@@ -170,7 +172,9 @@ async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(
                 tracing::warn!(%remote, name = %request.name, role = %request.role, "refused join: {error}");
                 JoinResponse::Refused(refusal(&error))
             }
-            Ok(()) if request.role == Role::Coordinator => admit_coordinator(context, &request).await,
+            Ok(()) if request.role == Role::Coordinator => {
+                admit_coordinator(context, &request).await
+            }
             Ok(()) => {
                 let identity = format!("agent-{}", random_suffix());
                 match context.ca.issue(
@@ -213,7 +217,12 @@ async fn join(connection: &quinn::Connection, context: &QuicContext) -> Result<(
 /// Adds a joining coordinator to the cluster as a learner (through Raft), then hands it its
 /// certificate and the cluster's secrets.
 async fn admit_coordinator(context: &QuicContext, request: &JoinRequest) -> JoinResponse {
-    let refused = |message: String| JoinResponse::Refused(WireError { code: ErrorCode::Internal, message });
+    let refused = |message: String| {
+        JoinResponse::Refused(WireError {
+            code: ErrorCode::Internal,
+            message,
+        })
+    };
     let Some(joining) = &request.coordinator else {
         return refused("a coordinator's join must say its node id and addresses".into());
     };
@@ -232,13 +241,41 @@ async fn admit_coordinator(context: &QuicContext, request: &JoinRequest) -> Join
     }
     match answer.await {
         Ok(Ok(_)) => {}
-        Ok(Err(Unavailable::NotLeader { leader: Some(leader) })) => {
-            return JoinResponse::Redirect { leader_addr: leader.quic_addr };
+        Ok(Err(Unavailable::NotLeader {
+            leader: Some(leader),
+        })) => {
+            return JoinResponse::Redirect {
+                leader_addr: leader.quic_addr,
+            };
         }
         Ok(Err(_)) | Err(_) => return refused("no leader could add the member now: retry".into()),
     }
+    let (reply, answer) = oneshot::channel();
+    let read = Event::Read {
+        query: crate::server::Query::Cluster,
+        stale: true,
+        reply,
+    };
+    let members = match (context.events.send(read).await, answer.await) {
+        (Ok(()), Ok(Ok(crate::server::Answer::Cluster(view)))) => view
+            .members
+            .into_iter()
+            .map(|m| gantry_protocol::CoordinatorJoin {
+                node_id: m.id,
+                quic_addr: m.addr,
+                http_addr: m.http_addr,
+            })
+            .collect(),
+        _ => return refused("the coordinator is shutting down".into()),
+    };
     let identity = crate::data_dir::coordinator_identity(joining.node_id);
-    match context.ca.issue(&request.csr_der, Role::Coordinator, &identity, SystemTime::now(), Duration::from_secs(365 * 24 * 3600)) {
+    match context.ca.issue(
+        &request.csr_der,
+        Role::Coordinator,
+        &identity,
+        SystemTime::now(),
+        Duration::from_secs(365 * 24 * 3600),
+    ) {
         Ok(cert) => {
             tracing::info!(node = joining.node_id, addr = %joining.quic_addr, "coordinator joined as a learner");
             JoinResponse::AcceptedCoordinator(Box::new(CoordinatorGrant {
@@ -248,6 +285,7 @@ async fn admit_coordinator(context: &QuicContext, request: &JoinRequest) -> Join
                 ca_key_pem: context.ca.key_pem(),
                 cluster_key: context.cluster_key.clone(),
                 admin_token: context.admin_token.clone(),
+                members,
             }))
         }
         Err(error) => refused(error.to_string()),
@@ -265,13 +303,18 @@ async fn peer_session(connection: &quinn::Connection, context: &QuicContext) -> 
         let envelope = match recv.recv::<PeerEnvelope>().await {
             Ok(Some(envelope)) => envelope,
             Ok(None) => return Ok(()),
-            Err(TransportError::Connection(_)) | Err(TransportError::Read(quinn::ReadError::ConnectionLost(_))) => {
+            Err(TransportError::Connection(_))
+            | Err(TransportError::Read(quinn::ReadError::ConnectionLost(_))) => {
                 return Ok(());
             }
             Err(e) => return Err(format!("peer stream: {e}")),
         };
         if envelope.to_node != context.node_id {
-            tracing::warn!(to = envelope.to_node, from = envelope.from_node, "dropping peer traffic addressed to another node");
+            tracing::warn!(
+                to = envelope.to_node,
+                from = envelope.from_node,
+                "dropping peer traffic addressed to another node"
+            );
             continue;
         }
         let event = match envelope.payload {
@@ -280,12 +323,19 @@ async fn peer_session(connection: &quinn::Connection, context: &QuicContext) -> 
                 for bytes in encoded {
                     match raft::eraftpb::Message::parse_from_bytes(&bytes) {
                         Ok(message) => messages.push(message),
-                        Err(e) => return Err(format!("peer sent a raft message that does not decode: {e}")),
+                        Err(e) => {
+                            return Err(format!(
+                                "peer sent a raft message that does not decode: {e}"
+                            ))
+                        }
                     }
                 }
                 Event::PeerMessages(messages)
             }
-            PeerPayload::Status { applied_index } => Event::PeerStatus { from: envelope.from_node, applied_index },
+            PeerPayload::Status { applied_index } => Event::PeerStatus {
+                from: envelope.from_node,
+                applied_index,
+            },
         };
         if context.events.send(event).await.is_err() {
             return Ok(());
@@ -363,7 +413,10 @@ async fn agent_session(
         .send(registered)
         .await
         .map_err(|_| "coordinator is shutting down".to_string())?;
-    let welcome = match welcome.await.map_err(|_| "coordinator is shutting down".to_string())? {
+    let welcome = match welcome
+        .await
+        .map_err(|_| "coordinator is shutting down".to_string())?
+    {
         Ok(welcome) => welcome,
         Err(leader) => {
             // Only the leader keeps agent sessions; send the agent there.
@@ -371,11 +424,13 @@ async fn agent_session(
                 Some(leader_addr) => CoordinatorMessage::Redirect { leader_addr },
                 None => CoordinatorMessage::Error(WireError {
                     code: ErrorCode::Internal,
-                    message: "no coordinator leads right now (an election is in progress); retry".into(),
+                    message: "no coordinator leads right now (an election is in progress); retry"
+                        .into(),
                 }),
             };
             let _ = send.send(&message).await;
-            send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT).await;
+            send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT)
+                .await;
             connection.close(close_code::NORMAL.into(), b"not the leader");
             return Ok(());
         }

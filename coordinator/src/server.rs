@@ -67,7 +67,9 @@ pub struct Listeners {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unavailable {
     /// Another member leads; its addresses, when known.
-    NotLeader { leader: Option<Member> },
+    NotLeader {
+        leader: Option<Member>,
+    },
     /// The answer did not come in time, or leadership changed before commit: the outcome is
     /// unknown and the client should retry (with the same idempotency key).
     Timeout,
@@ -102,16 +104,46 @@ pub enum Event {
         /// A welcome, or the leader's QUIC address to redirect to (None: no leader yet).
         reply: oneshot::Sender<Result<Welcome, Option<String>>>,
     },
-    Heartbeat { agent_id: String, session_id: u64 },
-    SessionEnded { agent_id: String, session_id: u64 },
+    Heartbeat {
+        agent_id: String,
+        session_id: u64,
+    },
+    SessionEnded {
+        agent_id: String,
+        session_id: u64,
+    },
     PeerMessages(Vec<Message>),
-    PeerStatus { from: u64, applied_index: u64 },
-    SnapshotReport { to: u64, delivered: bool },
-    Unreachable { to: u64 },
-    Propose { actor: String, op: Op, reply: Reply<Outcome> },
-    AddMember { node_id: u64, quic_addr: String, http_addr: String, reply: Reply<Outcome> },
-    RemoveMember { node_id: u64, reply: Reply<Outcome> },
-    Read { query: Query, stale: bool, reply: Reply<Answer> },
+    PeerStatus {
+        from: u64,
+        applied_index: u64,
+    },
+    SnapshotReport {
+        to: u64,
+        delivered: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
+    Propose {
+        actor: String,
+        op: Op,
+        reply: Reply<Outcome>,
+    },
+    AddMember {
+        node_id: u64,
+        quic_addr: String,
+        http_addr: String,
+        reply: Reply<Outcome>,
+    },
+    RemoveMember {
+        node_id: u64,
+        reply: Reply<Outcome>,
+    },
+    Read {
+        query: Query,
+        stale: bool,
+        reply: Reply<Answer>,
+    },
 }
 
 pub type Handle = mpsc::Sender<Event>;
@@ -135,7 +167,10 @@ struct PendingRead {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 struct Coordinator {
@@ -163,11 +198,15 @@ impl Coordinator {
     }
 
     fn leader_member(&self) -> Option<Member> {
-        self.replica.leader_id().and_then(|id| self.state().members.get(&id).cloned())
+        self.replica
+            .leader_id()
+            .and_then(|id| self.state().members.get(&id).cloned())
     }
 
     fn not_leader(&self) -> Unavailable {
-        Unavailable::NotLeader { leader: self.leader_member() }
+        Unavailable::NotLeader {
+            leader: self.leader_member(),
+        }
     }
 
     fn request_id(&mut self) -> u64 {
@@ -189,11 +228,22 @@ impl Coordinator {
             return;
         }
         let request_id = self.request_id();
-        let command = Command { request_id, at_unix_ms: unix_ms(), actor, op };
+        let command = Command {
+            request_id,
+            at_unix_ms: unix_ms(),
+            actor,
+            op,
+        };
         match self.replica.propose(replicated::encode(&command)) {
             Ok(()) => {
                 if let Some(reply) = reply {
-                    self.pending.insert(request_id, PendingProposal { reply, deadline: Instant::now() + REQUEST_TIMEOUT });
+                    self.pending.insert(
+                        request_id,
+                        PendingProposal {
+                            reply,
+                            deadline: Instant::now() + REQUEST_TIMEOUT,
+                        },
+                    );
                 }
             }
             Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Dropped(_)) => {
@@ -204,7 +254,12 @@ impl Coordinator {
         }
     }
 
-    fn propose_member_change(&mut self, change_type: ConfChangeType, member: MemberChange, reply: Option<Reply<Outcome>>) {
+    fn propose_member_change(
+        &mut self,
+        change_type: ConfChangeType,
+        member: MemberChange,
+        reply: Option<Reply<Outcome>>,
+    ) {
         if !self.replica.is_leader() {
             if let Some(reply) = reply {
                 let _ = reply.send(Err(self.not_leader()));
@@ -213,11 +268,22 @@ impl Coordinator {
         }
         let node_id = member.node_id;
         let request_id = member.request_id;
-        let change = ConfChange { change_type, node_id, context: replicated::encode(&member).into(), ..Default::default() };
+        let change = ConfChange {
+            change_type,
+            node_id,
+            context: replicated::encode(&member).into(),
+            ..Default::default()
+        };
         match self.replica.propose_conf_change(change) {
             Ok(()) => {
                 if let Some(reply) = reply {
-                    self.pending.insert(request_id, PendingProposal { reply, deadline: Instant::now() + REQUEST_TIMEOUT });
+                    self.pending.insert(
+                        request_id,
+                        PendingProposal {
+                            reply,
+                            deadline: Instant::now() + REQUEST_TIMEOUT,
+                        },
+                    );
                 }
             }
             Err(_) => {
@@ -240,39 +306,66 @@ impl Coordinator {
     fn handle_event(&mut self, event: Event) {
         let now_ms = self.now_ms();
         match event {
-            Event::Registered { agent_id, register, session_id, outbox, reply } => {
+            Event::Registered {
+                agent_id,
+                register,
+                session_id,
+                outbox,
+                reply,
+            } => {
                 if !self.replica.is_leader() {
                     let _ = reply.send(Err(self.leader_member().map(|m| m.quic_addr)));
                     return;
                 }
                 let ttl_ms = self.config.agent_ttl.as_millis() as u64;
                 self.liveness.handle_register(&agent_id, ttl_ms, now_ms);
-                let changed = self
-                    .state()
-                    .agents
-                    .get(&agent_id)
-                    .is_none_or(|record| record.register != *register || record.state != AgentState::Ready);
+                let changed = self.state().agents.get(&agent_id).is_none_or(|record| {
+                    record.register != *register || record.state != AgentState::Ready
+                });
                 if changed {
                     tracing::info!(agent = %agent_id, name = %register.name, site = %register.site, "agent registered");
-                    let op = Op::AgentRegistered { agent_id: agent_id.clone(), register: *register };
+                    let op = Op::AgentRegistered {
+                        agent_id: agent_id.clone(),
+                        register: *register,
+                    };
                     self.propose(format!("agent:{agent_id}"), op, None);
                 }
-                self.sessions.insert(agent_id.clone(), Session { session_id, outbox });
+                self.sessions
+                    .insert(agent_id.clone(), Session { session_id, outbox });
                 let _ = reply.send(Ok(Welcome {
                     agent_id,
                     heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
                     ttl_ms,
                 }));
             }
-            Event::Heartbeat { agent_id, session_id } => {
-                let current = self.sessions.get(&agent_id).is_some_and(|s| s.session_id == session_id);
+            Event::Heartbeat {
+                agent_id,
+                session_id,
+            } => {
+                let current = self
+                    .sessions
+                    .get(&agent_id)
+                    .is_some_and(|s| s.session_id == session_id);
                 if current && self.liveness.handle_heartbeat(&agent_id, now_ms).is_some() {
                     tracing::info!(agent = %agent_id, "agent is back");
-                    self.propose(format!("agent:{agent_id}"), Op::AgentUp { agent_id: agent_id.clone() }, None);
+                    self.propose(
+                        format!("agent:{agent_id}"),
+                        Op::AgentUp {
+                            agent_id: agent_id.clone(),
+                        },
+                        None,
+                    );
                 }
             }
-            Event::SessionEnded { agent_id, session_id } => {
-                if self.sessions.get(&agent_id).is_some_and(|s| s.session_id == session_id) {
+            Event::SessionEnded {
+                agent_id,
+                session_id,
+            } => {
+                if self
+                    .sessions
+                    .get(&agent_id)
+                    .is_some_and(|s| s.session_id == session_id)
+                {
                     self.sessions.remove(&agent_id);
                     tracing::info!(agent = %agent_id, "agent session ended; down after its TTL unless it reconnects");
                 }
@@ -284,13 +377,21 @@ impl Coordinator {
                     }
                 }
             }
-            Event::PeerStatus { from, applied_index } => {
+            Event::PeerStatus {
+                from,
+                applied_index,
+            } => {
                 self.peer_applied.insert(from, applied_index);
             }
             Event::SnapshotReport { to, delivered } => self.replica.report_snapshot(to, delivered),
             Event::Unreachable { to } => self.replica.report_unreachable(to),
             Event::Propose { actor, op, reply } => self.propose(actor, op, Some(reply)),
-            Event::AddMember { node_id, quic_addr, http_addr, reply } => {
+            Event::AddMember {
+                node_id,
+                quic_addr,
+                http_addr,
+                reply,
+            } => {
                 if let Some(member) = self.state().members.get(&node_id) {
                     if member.quic_addr == quic_addr && member.http_addr == http_addr {
                         let _ = reply.send(Ok(Outcome::MemberAdded { node_id }));
@@ -298,7 +399,12 @@ impl Coordinator {
                     }
                 }
                 let request_id = self.request_id();
-                let member = MemberChange { request_id, node_id, quic_addr, http_addr };
+                let member = MemberChange {
+                    request_id,
+                    node_id,
+                    quic_addr,
+                    http_addr,
+                };
                 self.propose_member_change(ConfChangeType::AddLearnerNode, member, Some(reply));
             }
             Event::RemoveMember { node_id, reply } => {
@@ -307,58 +413,104 @@ impl Coordinator {
                     return;
                 };
                 let request_id = self.request_id();
-                let change = MemberChange { request_id, node_id, quic_addr: member.quic_addr, http_addr: member.http_addr };
+                let change = MemberChange {
+                    request_id,
+                    node_id,
+                    quic_addr: member.quic_addr,
+                    http_addr: member.http_addr,
+                };
                 self.propose_member_change(ConfChangeType::RemoveNode, change, Some(reply));
             }
-            Event::Read { query, stale, reply } => {
+            Event::Read {
+                query,
+                stale,
+                reply,
+            } => {
                 if stale {
                     let _ = reply.send(Ok(self.answer(&query)));
                     return;
                 }
                 let read_id = self.request_id();
                 self.replica.read_index(read_id.to_be_bytes().to_vec());
-                self.reads.insert(read_id, PendingRead { query, reply, deadline: Instant::now() + REQUEST_TIMEOUT, index: None });
+                self.reads.insert(
+                    read_id,
+                    PendingRead {
+                        query,
+                        reply,
+                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                        index: None,
+                    },
+                );
             }
         }
     }
 
-    fn handle_tick(&mut self) {
+    fn handle_tick(&mut self) -> Result<()> {
         self.ticks += 1;
-        self.replica.tick();
+        self.replica
+            .tick()
+            .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
         let now = Instant::now();
-        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             let pending = self.pending.remove(&id).expect("listed above");
             let _ = pending.reply.send(Err(Unavailable::Timeout));
         }
-        let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             let read = self.reads.remove(&id).expect("listed above");
             let _ = read.reply.send(Err(Unavailable::Timeout));
         }
-        if self.ticks % 10 == 0 {
+        if self.ticks.is_multiple_of(10) {
             self.peers.broadcast_status(self.replica.applied());
         }
         if !self.replica.is_leader() {
-            return;
+            return Ok(());
         }
         for transition in self.liveness.poll_transitions(self.now_ms()) {
-            let recorded_down = self.state().agents.get(&transition.agent_id).is_some_and(|a| a.state == AgentState::Down);
+            let recorded_down = self
+                .state()
+                .agents
+                .get(&transition.agent_id)
+                .is_some_and(|a| a.state == AgentState::Down);
             if transition.status == AgentStatus::Down && !recorded_down {
                 tracing::warn!(agent = %transition.agent_id, "agent missed its heartbeats past its TTL: down");
-                let op = Op::AgentDown { agent_id: transition.agent_id.clone() };
+                let op = Op::AgentDown {
+                    agent_id: transition.agent_id.clone(),
+                };
                 self.propose(format!("coordinator:{}", self.replica.id()), op, None);
             }
         }
         // Promote a learner once it has caught up with the commit index.
         let commit = self.replica.commit();
-        if let Some(learner) = self.replica.learners().into_iter().find(|&id| self.replica.matched(id).is_some_and(|m| m >= commit)) {
+        if let Some(learner) = self
+            .replica
+            .learners()
+            .into_iter()
+            .find(|&id| self.replica.matched(id).is_some_and(|m| m >= commit))
+        {
             if let Some(member) = self.state().members.get(&learner).cloned() {
                 tracing::info!(node = learner, "learner caught up; promoting it to voter");
-                let change = MemberChange { request_id: 0, node_id: learner, quic_addr: member.quic_addr, http_addr: member.http_addr };
+                let change = MemberChange {
+                    request_id: 0,
+                    node_id: learner,
+                    quic_addr: member.quic_addr,
+                    http_addr: member.http_addr,
+                };
                 self.propose_member_change(ConfChangeType::AddNode, change, None);
             }
         }
+        Ok(())
     }
 
     fn handle_leadership(&mut self, leader: Option<u64>) {
@@ -380,7 +532,9 @@ impl Coordinator {
             let leader_addr = self.leader_member().map(|m| m.quic_addr);
             for (_, session) in std::mem::take(&mut self.sessions) {
                 if let Some(leader_addr) = &leader_addr {
-                    let _ = session.outbox.try_send(CoordinatorMessage::Redirect { leader_addr: leader_addr.clone() });
+                    let _ = session.outbox.try_send(CoordinatorMessage::Redirect {
+                        leader_addr: leader_addr.clone(),
+                    });
                 }
             }
         }
@@ -388,7 +542,10 @@ impl Coordinator {
 
     fn handle_ready(&mut self) -> Result<()> {
         while self.replica.has_ready() {
-            let output = self.replica.handle_ready().map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+            let output = self
+                .replica
+                .handle_ready()
+                .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
             for to in self.peers.send(output.messages) {
                 self.replica.report_snapshot(to, false);
             }
@@ -401,14 +558,21 @@ impl Coordinator {
                 }
             }
             for (context, index) in output.reads {
-                let Ok(bytes) = <[u8; 8]>::try_from(context.as_slice()) else { continue };
+                let Ok(bytes) = <[u8; 8]>::try_from(context.as_slice()) else {
+                    continue;
+                };
                 if let Some(read) = self.reads.get_mut(&u64::from_be_bytes(bytes)) {
                     read.index = Some(index);
                 }
             }
         }
         let applied = self.replica.applied();
-        let answerable: Vec<u64> = self.reads.iter().filter(|(_, r)| r.index.is_some_and(|i| i <= applied)).map(|(id, _)| *id).collect();
+        let answerable: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
+            .map(|(id, _)| *id)
+            .collect();
         for id in answerable {
             let read = self.reads.remove(&id).expect("listed above");
             let _ = read.reply.send(Ok(self.answer(&read.query)));
@@ -430,8 +594,16 @@ impl Coordinator {
                 id,
                 addr: member.quic_addr.clone(),
                 http_addr: member.http_addr.clone(),
-                role: if voters.contains(&id) { "voter".into() } else { "learner".into() },
-                applied_index: if id == self.replica.id() { Some(self.replica.applied()) } else { self.peer_applied.get(&id).copied() },
+                role: if voters.contains(&id) {
+                    "voter".into()
+                } else {
+                    "learner".into()
+                },
+                applied_index: if id == self.replica.id() {
+                    Some(self.replica.applied())
+                } else {
+                    self.peer_applied.get(&id).copied()
+                },
             })
             .collect();
         ClusterView {
@@ -453,14 +625,22 @@ impl Coordinator {
                     AgentState::Ready => "ready",
                     AgentState::Down => "down",
                 };
-                let silence_ms = if self.replica.is_leader() { self.liveness.silence_ms(agent_id, now_ms) } else { None };
+                let silence_ms = if self.replica.is_leader() {
+                    self.liveness.silence_ms(agent_id, now_ms)
+                } else {
+                    None
+                };
                 let register = &record.register;
                 let single = register.nodes.len() == 1;
                 let nodes = register
                     .nodes
                     .iter()
                     .map(|node| NodeView {
-                        id: if single { agent_id.clone() } else { format!("{agent_id}/{}", node.name) },
+                        id: if single {
+                            agent_id.clone()
+                        } else {
+                            format!("{agent_id}/{}", node.name)
+                        },
                         agent: agent_id.clone(),
                         name: register.name.clone(),
                         node: node.name.clone(),
@@ -493,11 +673,18 @@ impl Coordinator {
                                 .into(),
                             })
                             .collect(),
-                        runtimes: register.runtimes.iter().map(|r| r.kind.as_str().to_string()).collect(),
+                        runtimes: register
+                            .runtimes
+                            .iter()
+                            .map(|r| r.kind.as_str().to_string())
+                            .collect(),
                         runtime_details: register
                             .runtimes
                             .iter()
-                            .map(|r| RuntimeView { kind: r.kind.as_str().into(), detail: r.detail.clone() })
+                            .map(|r| RuntimeView {
+                                kind: r.kind.as_str().into(),
+                                detail: r.detail.clone(),
+                            })
                             .collect(),
                         labels: register.labels.clone(),
                         cost_per_gpu_hour: register.cost_per_gpu_hour,
@@ -507,7 +694,13 @@ impl Coordinator {
                         status_since_unix_ms: record.since_unix_ms,
                     })
                     .collect();
-                AgentView { id: agent_id.clone(), name: register.name.clone(), status: status.into(), site: register.site.clone(), nodes }
+                AgentView {
+                    id: agent_id.clone(),
+                    name: register.name.clone(),
+                    status: status.into(),
+                    site: register.site.clone(),
+                    nodes,
+                }
             })
             .collect()
     }
@@ -546,21 +739,41 @@ pub async fn run_with(
     }
     let joined_now = match &membership {
         Membership::Join { token, seed } if !data_dir::is_initialized(&config.data_dir) => {
-            crate::join::join_cluster(&config.data_dir, token, seed, advertise_quic, advertise_http).await?;
+            crate::join::join_cluster(
+                &config.data_dir,
+                token,
+                seed,
+                advertise_quic,
+                advertise_http,
+            )
+            .await?;
             true
         }
         _ => false,
     };
     let files = data_dir::load(&config.data_dir)?;
     let node_id = files.node_id;
-    let disk = RedbLog::open(&data_dir::raft_db_path(&config.data_dir)).context("open the raft log")?;
-    let fresh = crate::replica::storage::Durable::load(&disk).context("read the raft log")?.is_none();
-    let self_member = Member { quic_addr: advertise_quic.to_string(), http_addr: advertise_http.to_string() };
+    let disk =
+        RedbLog::open(&data_dir::raft_db_path(&config.data_dir)).context("open the raft log")?;
+    let fresh = crate::replica::storage::Durable::load(&disk)
+        .context("read the raft log")?
+        .is_none();
+    let self_member = Member {
+        quic_addr: advertise_quic.to_string(),
+        http_addr: advertise_http.to_string(),
+    };
     let bootstrap = fresh && !joined_now;
+    let mut initial = State::with_member(node_id, self_member);
+    for (id, quic_addr, http_addr) in &files.join_members {
+        initial.members.entry(*id).or_insert_with(|| Member {
+            quic_addr: quic_addr.clone(),
+            http_addr: http_addr.clone(),
+        });
+    }
     let logger = crate::replica::logging::logger(node_id);
     let replica = Replica::open(
         ReplicaConfig::new(node_id),
-        State::with_member(node_id, self_member),
+        initial,
         disk,
         bootstrap.then_some(&[node_id][..]),
         &logger,
@@ -568,12 +781,20 @@ pub async fn run_with(
     .map_err(|e| anyhow::anyhow!("open the raft replica: {e}"))?;
 
     let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE_LEN_MAX);
-    let quic_context = Arc::new(quic::QuicContext::new(&files, events_tx.clone(), config.agent_cert_ttl));
+    let quic_context = Arc::new(quic::QuicContext::new(
+        &files,
+        events_tx.clone(),
+        config.agent_cert_ttl,
+    ));
     let endpoint = quic::endpoint(&files, listeners.quic)?;
     let quic_task = tokio::spawn(quic::serve(endpoint.clone(), quic_context));
     let api_state = Arc::new(api::ApiState::new(&files, events_tx.clone()));
-    listeners.http.set_nonblocking(true).context("make the HTTP listener non-blocking")?;
-    let http_listener = tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
+    listeners
+        .http
+        .set_nonblocking(true)
+        .context("make the HTTP listener non-blocking")?;
+    let http_listener =
+        tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, api::router(api_state))
@@ -617,7 +838,11 @@ pub async fn run_with(
     let outcome = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            _ = tick.tick() => coordinator.handle_tick(),
+            _ = tick.tick() => {
+                if let Err(e) = coordinator.handle_tick() {
+                    break Err(e);
+                }
+            }
             event = events_rx.recv() => match event {
                 Some(event) => {
                     coordinator.handle_event(event);
@@ -639,7 +864,10 @@ pub async fn run_with(
     for (_, pending) in std::mem::take(&mut coordinator.pending) {
         let _ = pending.reply.send(Err(Unavailable::ShuttingDown));
     }
-    endpoint.close(gantry_protocol::transport::close_code::SHUTDOWN.into(), b"coordinator shutting down");
+    endpoint.close(
+        gantry_protocol::transport::close_code::SHUTDOWN.into(),
+        b"coordinator shutting down",
+    );
     let _ = http_stop_tx.send(());
     quic_task.abort();
     drop(coordinator);

@@ -290,6 +290,9 @@ pub struct CoordinatorGrant {
     pub ca_key_pem: String,
     pub cluster_key: Vec<u8>,
     pub admin_token: String,
+    /// The members as the admitting coordinator knew them, so the new one can answer them
+    /// before the leader's snapshot tells it the rest.
+    pub members: Vec<CoordinatorJoin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,7 +305,9 @@ pub enum JoinResponse {
     /// A coordinator was added to the cluster as a learner.
     AcceptedCoordinator(Box<CoordinatorGrant>),
     /// Only the leader admits coordinators; ask it (its QUIC address).
-    Redirect { leader_addr: String },
+    Redirect {
+        leader_addr: String,
+    },
     Refused(WireError),
 }
 
@@ -467,16 +472,29 @@ mod tests {
                 http_addr: "127.0.0.1:7080".into(),
             }),
         });
-        round_trip(JoinResponse::AcceptedCoordinator(Box::new(CoordinatorGrant {
-            identity: "coordinator-7".into(),
-            cert_der: vec![1],
-            ca_der: vec![2],
-            ca_key_pem: "-----BEGIN PRIVATE KEY-----".into(),
-            cluster_key: vec![3; 32],
-            admin_token: "t".into(),
-        })));
-        round_trip(JoinResponse::Redirect { leader_addr: "127.0.0.1:7444".into() });
-        round_trip(PeerEnvelope { from_node: 1, to_node: 2, payload: PeerPayload::Status { applied_index: 9 } });
+        round_trip(JoinResponse::AcceptedCoordinator(Box::new(
+            CoordinatorGrant {
+                identity: "coordinator-7".into(),
+                cert_der: vec![1],
+                ca_der: vec![2],
+                ca_key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+                cluster_key: vec![3; 32],
+                admin_token: "t".into(),
+                members: vec![CoordinatorJoin {
+                    node_id: 1,
+                    quic_addr: "a".into(),
+                    http_addr: "b".into(),
+                }],
+            },
+        )));
+        round_trip(JoinResponse::Redirect {
+            leader_addr: "127.0.0.1:7444".into(),
+        });
+        round_trip(PeerEnvelope {
+            from_node: 1,
+            to_node: 2,
+            payload: PeerPayload::Status { applied_index: 9 },
+        });
         round_trip(JoinResponse::Accepted {
             identity: "agent-1".into(),
             cert_der: vec![1],

@@ -68,15 +68,35 @@ mod tests {
     #[test]
     fn commands_round_trip() {
         for op in [
-            Op::SubmitJob { job_id: "j-1".into(), idempotency_key: Some("k".into()), spec_json: "{}".into() },
-            Op::CancelJob { job_id: "j-1".into() },
-            Op::AgentDown { agent_id: "agent-1".into() },
-            Op::AgentUp { agent_id: "agent-1".into() },
+            Op::SubmitJob {
+                job_id: "j-1".into(),
+                idempotency_key: Some("k".into()),
+                spec_json: "{}".into(),
+            },
+            Op::CancelJob {
+                job_id: "j-1".into(),
+            },
+            Op::AgentDown {
+                agent_id: "agent-1".into(),
+            },
+            Op::AgentUp {
+                agent_id: "agent-1".into(),
+            },
         ] {
-            let command = Command { request_id: 9, at_unix_ms: 1, actor: "admin".into(), op };
+            let command = Command {
+                request_id: 9,
+                at_unix_ms: 1,
+                actor: "admin".into(),
+                op,
+            };
             assert_eq!(decode::<Command>(&encode(&command)).unwrap(), command);
         }
-        let change = MemberChange { request_id: 1, node_id: 2, quic_addr: "a".into(), http_addr: "b".into() };
+        let change = MemberChange {
+            request_id: 1,
+            node_id: 2,
+            quic_addr: "a".into(),
+            http_addr: "b".into(),
+        };
         assert_eq!(decode::<MemberChange>(&encode(&change)).unwrap(), change);
     }
 }

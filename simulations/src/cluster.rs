@@ -38,7 +38,9 @@ impl Durable for SimDisk {
     fn load(&self) -> Result<Option<Recovered>, Self::Error> {
         let store = self.0.borrow();
         let recovered = store.to_recovered();
-        let empty = recovered.entries.is_empty() && recovered.snapshot.get_metadata().index == 0 && recovered.hard_state == Default::default();
+        let empty = recovered.entries.is_empty()
+            && recovered.snapshot.get_metadata().index == 0
+            && recovered.hard_state == Default::default();
         Ok((!empty).then_some(recovered))
     }
 }
@@ -126,7 +128,13 @@ fn ids(n: usize) -> Vec<u64> {
 fn initial_state(n: usize) -> State {
     let mut state = State::default();
     for id in ids(n) {
-        state.members.insert(id, Member { quic_addr: format!("node{id}:7443"), http_addr: format!("node{id}:7080") });
+        state.members.insert(
+            id,
+            Member {
+                quic_addr: format!("node{id}:7443"),
+                http_addr: format!("node{id}:7080"),
+            },
+        );
     }
     state
 }
@@ -164,14 +172,18 @@ impl Sim {
     }
 
     fn fail(&self, what: String) -> String {
-        format!("seed {} ({} nodes) at tick {}: {what}", self.seed, self.config.n_nodes, self.now)
+        format!(
+            "seed {} ({} nodes) at tick {}: {what}",
+            self.seed, self.config.n_nodes, self.now
+        )
     }
 
     fn start(&mut self, idx: usize, bootstrap: bool) -> Result<(), String> {
         let mut config = ReplicaConfig::new(idx as u64 + 1);
         config.snapshot_every_entries = self.config.snapshot_every_entries;
         // A timeout drawn from the seed, fixed for this incarnation of the node (see ReplicaConfig).
-        config.min_election_tick = config.election_tick + self.rng.below(config.election_tick as u64) as usize;
+        config.min_election_tick =
+            config.election_tick + self.rng.below(config.election_tick as u64) as usize;
         config.max_election_tick = config.min_election_tick + 1;
         let voters = ids(self.config.n_nodes);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
@@ -197,7 +209,12 @@ impl Sim {
     /// The client stops waiting for these answers (their outcome is unknown) and will retry the
     /// submissions with the same keys, as the API tells clients to.
     fn give_up_on(&mut self, which: impl Fn(&Pending) -> bool) {
-        let lost: Vec<u64> = self.pending.iter().filter(|(_, p)| which(p)).map(|(id, _)| *id).collect();
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| which(p))
+            .map(|(id, _)| *id)
+            .collect();
         for request_id in lost {
             let pending = self.pending.remove(&request_id).expect("listed above");
             self.unacknowledged.push(pending.key);
@@ -230,7 +247,11 @@ impl Sim {
             self.next_order += 1;
             // Equal delivery times are shuffled by a random order key: reordering.
             let order = self.rng.next_u64();
-            self.network.push(InFlight { deliver_at, order, message });
+            self.network.push(InFlight {
+                deliver_at,
+                order,
+                message,
+            });
         }
     }
 
@@ -254,13 +275,16 @@ impl Sim {
                 continue;
             }
             let node = self.nodes[to as usize - 1].as_mut().expect("reachable");
-            node.step(in_flight.message).map_err(|e| format!("node {to} step failed: {e}"))?;
+            node.step(in_flight.message)
+                .map_err(|e| format!("node {to} step failed: {e}"))?;
         }
         Ok(())
     }
 
     fn live(&self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
     }
 
     fn submit(&mut self, key: String) {
@@ -274,7 +298,9 @@ impl Sim {
         let node = self.nodes[idx].as_ref().expect("live");
         if !node.is_leader() {
             match node.leader_id().map(|id| id as usize - 1) {
-                Some(leader) if self.nodes[leader].as_ref().is_some_and(|n| n.is_leader()) => idx = leader,
+                Some(leader) if self.nodes[leader].as_ref().is_some_and(|n| n.is_leader()) => {
+                    idx = leader
+                }
                 _ => {
                     self.unacknowledged.push(key);
                     return;
@@ -293,9 +319,20 @@ impl Sim {
                 spec_json: format!("{{\"name\":\"{key}\"}}"),
             },
         };
-        match self.nodes[idx].as_mut().expect("live").propose(replicated::encode(&command)) {
+        match self.nodes[idx]
+            .as_mut()
+            .expect("live")
+            .propose(replicated::encode(&command))
+        {
             Ok(()) => {
-                self.pending.insert(request_id, Pending { node: idx, key, proposed_at: self.now });
+                self.pending.insert(
+                    request_id,
+                    Pending {
+                        node: idx,
+                        key,
+                        proposed_at: self.now,
+                    },
+                );
             }
             Err(_) => self.unacknowledged.push(key),
         }
@@ -303,28 +340,36 @@ impl Sim {
 
     fn drive_ready(&mut self, lossy: bool) -> Result<(), String> {
         for idx in 0..self.nodes.len() {
-            loop {
-                let Some(node) = self.nodes[idx].as_mut() else { break };
-                if !node.has_ready() {
-                    break;
-                }
-                let output = node.handle_ready().map_err(|e| format!("node {} ready failed: {e}", idx + 1))?;
+            while let Some(node) = self.nodes[idx].as_mut().filter(|node| node.has_ready()) {
+                let output = node
+                    .handle_ready()
+                    .map_err(|e| format!("node {} ready failed: {e}", idx + 1))?;
                 if output.leader_changed.is_some() {
                     // A node that lost leadership may never commit what it accepted.
                     self.give_up_on(|pending| pending.node == idx);
                 }
                 for (_, request_id, outcome) in output.applied {
-                    let Some(request_id) = request_id else { continue };
-                    let Some(pending) = self.pending.get(&request_id) else { continue };
+                    let Some(request_id) = request_id else {
+                        continue;
+                    };
+                    let Some(pending) = self.pending.get(&request_id) else {
+                        continue;
+                    };
                     if pending.node != idx {
                         continue;
                     }
                     let pending = self.pending.remove(&request_id).expect("just seen");
                     match outcome {
                         Outcome::JobSubmitted { job_id, .. } => {
-                            if let Some(previous) = self.acknowledged.insert(pending.key.clone(), job_id.clone()) {
+                            if let Some(previous) = self
+                                .acknowledged
+                                .insert(pending.key.clone(), job_id.clone())
+                            {
                                 if previous != job_id {
-                                    return Err(self.fail(format!("key {} acknowledged as {previous} and then as {job_id}", pending.key)));
+                                    return Err(self.fail(format!(
+                                        "key {} acknowledged as {previous} and then as {job_id}",
+                                        pending.key
+                                    )));
                                 }
                             }
                         }
@@ -339,12 +384,17 @@ impl Sim {
 
     fn check(&mut self) -> Result<(), String> {
         for idx in 0..self.nodes.len() {
-            let Some(node) = self.nodes[idx].as_ref() else { continue };
+            let Some(node) = self.nodes[idx].as_ref() else {
+                continue;
+            };
             if node.is_leader() {
                 let term = node.term();
                 if let Some(&other) = self.leaders_by_term.get(&term) {
                     if other != node.id() {
-                        return Err(self.fail(format!("two leaders in term {term}: {other} and {}", node.id())));
+                        return Err(self.fail(format!(
+                            "two leaders in term {term}: {other} and {}",
+                            node.id()
+                        )));
                     }
                 } else {
                     self.leaders_by_term.insert(term, node.id());
@@ -352,11 +402,18 @@ impl Sim {
             }
             let commit = node.commit();
             for index in (self.checked_commit[idx] + 1)..=commit {
-                let Some(entry) = node.log_entry(index) else { continue };
+                let Some(entry) = node.log_entry(index) else {
+                    continue;
+                };
                 let seen = (entry.term, entry.data.to_vec());
                 match self.committed.get(&index) {
                     Some(expected) if *expected != seen => {
-                        return Err(self.fail(format!("committed entry {index} differs on node {}: term {} vs {}", node.id(), seen.0, expected.0)));
+                        return Err(self.fail(format!(
+                            "committed entry {index} differs on node {}: term {} vs {}",
+                            node.id(),
+                            seen.0,
+                            expected.0
+                        )));
                     }
                     Some(_) => {}
                     None => {
@@ -371,7 +428,10 @@ impl Sim {
                 let state = node.machine().encode_snapshot();
                 match self.state_at_index.get(&applied) {
                     Some(expected) if *expected != state => {
-                        return Err(self.fail(format!("node {} has a different state at applied index {applied}", node.id())));
+                        return Err(self.fail(format!(
+                            "node {} has a different state at applied index {applied}",
+                            node.id()
+                        )));
                     }
                     Some(_) => {}
                     None => {
@@ -411,8 +471,11 @@ impl Sim {
             self.faults()?;
         }
         self.deliver()?;
-        for node in self.nodes.iter_mut().flatten() {
-            node.tick();
+        for (idx, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(node) = node {
+                node.tick()
+                    .map_err(|e| format!("node {} tick failed: {e}", idx + 1))?;
+            }
         }
         if faulty && self.rng.below(100) < self.config.submit_percent {
             let key = format!("k{}", self.next_key);
@@ -475,17 +538,31 @@ impl Sim {
         let state = nodes[0].machine();
         for node in &nodes {
             if node.applied() != applied || node.machine() != state {
-                return Err(self.fail(format!("node {} applied {} with its own state, node 1 applied {applied}", node.id(), node.applied())));
+                return Err(self.fail(format!(
+                    "node {} applied {} with its own state, node 1 applied {applied}",
+                    node.id(),
+                    node.applied()
+                )));
             }
         }
         for (key, job_id) in &self.acknowledged {
-            let matching: Vec<_> = state.jobs.values().filter(|job| job.idempotency_key.as_deref() == Some(key)).collect();
+            let matching: Vec<_> = state
+                .jobs
+                .values()
+                .filter(|job| job.idempotency_key.as_deref() == Some(key))
+                .collect();
             if matching.len() != 1 || &matching[0].id != job_id {
-                return Err(self.fail(format!("acknowledged {key} as {job_id}, but the state has {} job(s) for it", matching.len())));
+                return Err(self.fail(format!(
+                    "acknowledged {key} as {job_id}, but the state has {} job(s) for it",
+                    matching.len()
+                )));
             }
         }
         if !self.unacknowledged.is_empty() || !self.pending.is_empty() {
-            return Err(self.fail(format!("{} submissions never acknowledged after healing", self.unacknowledged.len() + self.pending.len())));
+            return Err(self.fail(format!(
+                "{} submissions never acknowledged after healing",
+                self.unacknowledged.len() + self.pending.len()
+            )));
         }
         Ok(())
     }
@@ -501,7 +578,10 @@ mod tests {
     use super::*;
 
     fn seeds() -> u64 {
-        std::env::var("GANTRY_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200)
+        std::env::var("GANTRY_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200)
     }
 
     fn run_many(n_nodes: usize) {
@@ -513,8 +593,14 @@ mod tests {
             totals.acknowledged += report.acknowledged;
             totals.committed_entries += report.committed_entries;
         }
-        assert!(totals.crashes > 0 && totals.partitions > 0, "the faults never happened: {totals:?}");
-        assert!(totals.acknowledged as u64 > seeds() * 10, "too little was acknowledged to mean anything: {totals:?}");
+        assert!(
+            totals.crashes > 0 && totals.partitions > 0,
+            "the faults never happened: {totals:?}"
+        );
+        assert!(
+            totals.acknowledged as u64 > seeds() * 10,
+            "too little was acknowledged to mean anything: {totals:?}"
+        );
     }
 
     #[test]

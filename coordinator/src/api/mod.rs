@@ -47,7 +47,9 @@ impl ApiState {
     pub fn new(files: &ClusterFiles, handle: Handle) -> Self {
         Self {
             handle,
-            admin_token_sha256: digest(&SHA256, files.admin_token.as_bytes()).as_ref().to_vec(),
+            admin_token_sha256: digest(&SHA256, files.admin_token.as_bytes())
+                .as_ref()
+                .to_vec(),
             cluster_key: files.cluster_key.clone(),
             ca_sha256_hex: files.ca.sha256_hex(),
             http: reqwest::Client::builder()
@@ -67,7 +69,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, detail: ErrorDetail { code: code.into(), message: message.into(), field: None } }
+        Self {
+            status,
+            detail: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+                field: None,
+            },
+        }
     }
 
     pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
@@ -132,7 +141,11 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn require_token(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -147,16 +160,28 @@ async fn require_token(State(state): State<Arc<ApiState>>, request: Request, nex
         .into_response();
     };
     // Comparing digests keeps the comparison's timing independent of the secret.
-    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice() {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "bearer token is not valid for this cluster")
-            .into_response();
+    if digest(&SHA256, presented.trim().as_bytes()).as_ref() != state.admin_token_sha256.as_slice()
+    {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "bearer token is not valid for this cluster",
+        )
+        .into_response();
     }
     next.run(request).await
 }
 
-async fn ask<T>(state: &ApiState, make: impl FnOnce(oneshot::Sender<Result<T, Unavailable>>) -> Event) -> Result<T, Unavailable> {
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<Result<T, Unavailable>>) -> Event,
+) -> Result<T, Unavailable> {
     let (reply, answer) = oneshot::channel();
-    state.handle.send(make(reply)).await.map_err(|_| Unavailable::ShuttingDown)?;
+    state
+        .handle
+        .send(make(reply))
+        .await
+        .map_err(|_| Unavailable::ShuttingDown)?;
     answer.await.map_err(|_| Unavailable::ShuttingDown)?
 }
 
@@ -167,15 +192,31 @@ struct ReadParams {
 }
 
 async fn read(state: &ApiState, query: Query, params: &ReadParams) -> Result<Answer, ApiError> {
-    Ok(ask(state, |reply| Event::Read { query, stale: params.stale, reply }).await?)
+    Ok(ask(state, |reply| Event::Read {
+        query,
+        stale: params.stale,
+        reply,
+    })
+    .await?)
 }
 
 /// Sends a write to the leader when this node does not lead, once.
-async fn forward(state: &ApiState, leader_http: &str, method: Method, path: &str, headers: &HeaderMap, body: Bytes) -> Response {
+async fn forward(
+    state: &ApiState,
+    leader_http: &str,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     if headers.contains_key(FORWARDED_HEADER) {
         return ApiError::unavailable("leadership is changing; retry").into_response();
     }
-    let mut request = state.http.request(method, format!("http://{leader_http}{path}")).header(FORWARDED_HEADER, "1").body(body);
+    let mut request = state
+        .http
+        .request(method, format!("http://{leader_http}{path}"))
+        .header(FORWARDED_HEADER, "1")
+        .body(body);
     for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
         if let Some(value) = headers.get(&name) {
             request = request.header(name, value);
@@ -186,13 +227,20 @@ async fn forward(state: &ApiState, leader_http: &str, method: Method, path: &str
     }
     match request.send().await {
         Ok(response) => {
-            let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status =
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             match response.bytes().await {
-                Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-                Err(e) => ApiError::unavailable(format!("the leader's answer broke off: {e}")).into_response(),
+                Ok(bytes) => {
+                    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+                }
+                Err(e) => ApiError::unavailable(format!("the leader's answer broke off: {e}"))
+                    .into_response(),
             }
         }
-        Err(e) => ApiError::unavailable(format!("could not reach the leader at {leader_http}: {e}; retry")).into_response(),
+        Err(e) => ApiError::unavailable(format!(
+            "could not reach the leader at {leader_http}: {e}; retry"
+        ))
+        .into_response(),
     }
 }
 
@@ -203,9 +251,17 @@ async fn write(
     forward_as: (Method, &str, &HeaderMap, Bytes),
     respond: impl FnOnce(Outcome) -> Response,
 ) -> Response {
-    match ask(state, |reply| Event::Propose { actor: "admin".into(), op, reply }).await {
+    match ask(state, |reply| Event::Propose {
+        actor: "admin".into(),
+        op,
+        reply,
+    })
+    .await
+    {
         Ok(outcome) => respond(outcome),
-        Err(Unavailable::NotLeader { leader: Some(leader) }) => {
+        Err(Unavailable::NotLeader {
+            leader: Some(leader),
+        }) => {
             let (method, path, headers, body) = forward_as;
             forward(state, &leader.http_addr, method, path, headers, body).await
         }
@@ -214,8 +270,14 @@ async fn write(
 }
 
 fn job_view(job: &Job) -> JobView {
-    let spec: serde_json::Value = serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
-    let text = |key: &str| spec.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let spec: serde_json::Value =
+        serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
+    let text = |key: &str| {
+        spec.get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     JobView {
         id: job.id.clone(),
         name: text("name"),
@@ -232,26 +294,40 @@ fn job_view(job: &Job) -> JobView {
 
 fn new_job_id() -> String {
     let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the system random source works");
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
     format!("j-{}", hex::encode(bytes))
 }
 
-async fn submit_job(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn submit_job(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
-        Err(e) => return ApiError::invalid_field("body", format!("the body is not JSON: {e}")).into_response(),
+        Err(e) => {
+            return ApiError::invalid_field("body", format!("the body is not JSON: {e}"))
+                .into_response()
+        }
     };
     let spec: JobSpec = match jobspec::from_json_value(value) {
         Ok(spec) => spec,
         Err(e) => {
-            let field = if e.field.is_empty() { "body".to_string() } else { e.field.clone() };
+            let field = if e.field.is_empty() {
+                "body".to_string()
+            } else {
+                e.field.clone()
+            };
             return ApiError::invalid_field(&field, e.to_string()).into_response();
         }
     };
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => match value.to_str() {
-            Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX => Some(key.to_string()),
+            Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX => {
+                Some(key.to_string())
+            }
             _ => {
                 return ApiError::invalid_field(
                     "Idempotency-Key",
@@ -261,24 +337,52 @@ async fn submit_job(State(state): State<Arc<ApiState>>, headers: HeaderMap, body
             }
         },
     };
-    let op = Op::SubmitJob { job_id: new_job_id(), idempotency_key, spec_json: spec.canonical_json() };
-    write(&state, op, (Method::POST, "/v1/jobs", &headers, body), |outcome| match outcome {
-        Outcome::JobSubmitted { job_id, created } => {
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            (status, Json(SubmitJobResponse { id: job_id, created })).into_response()
-        }
-        Outcome::IdempotencyConflict { key, job_id } => ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("Idempotency-Key {key:?} was used for job {job_id} with a different spec"),
-        )
-        .into_response(),
-        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}")).into_response(),
-    })
+    let op = Op::SubmitJob {
+        job_id: new_job_id(),
+        idempotency_key,
+        spec_json: spec.canonical_json(),
+    };
+    write(
+        &state,
+        op,
+        (Method::POST, "/v1/jobs", &headers, body),
+        |outcome| match outcome {
+            Outcome::JobSubmitted { job_id, created } => {
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                (
+                    status,
+                    Json(SubmitJobResponse {
+                        id: job_id,
+                        created,
+                    }),
+                )
+                    .into_response()
+            }
+            Outcome::IdempotencyConflict { key, job_id } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("Idempotency-Key {key:?} was used for job {job_id} with a different spec"),
+            )
+            .into_response(),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into_response(),
+        },
+    )
     .await
 }
 
-async fn list_jobs(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<JobView>>, ApiError> {
+async fn list_jobs(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<Vec<JobView>>, ApiError> {
     match read(&state, Query::Jobs, &params).await? {
         Answer::Jobs(jobs) => Ok(Json(jobs.iter().map(job_view).collect())),
         _ => unreachable!("a jobs query answers jobs"),
@@ -292,31 +396,64 @@ async fn get_job(
 ) -> Result<Json<JobView>, ApiError> {
     match read(&state, Query::Job(id.clone()), &params).await? {
         Answer::Job(Some(job)) => Ok(Json(job_view(&job))),
-        Answer::Job(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))),
+        Answer::Job(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {id}"),
+        )),
         _ => unreachable!("a job query answers a job"),
     }
 }
 
-async fn cancel_job(State(state): State<Arc<ApiState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn cancel_job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let path = format!("/v1/jobs/{id}");
     let op = Op::CancelJob { job_id: id.clone() };
-    write(&state, op, (Method::DELETE, &path, &headers, Bytes::new()), |outcome| match outcome {
-        Outcome::JobCancelled { job_id } => Json(serde_json::json!({ "id": job_id, "state": "cancelled" })).into_response(),
-        Outcome::JobNotFound { job_id } => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {job_id}")).into_response(),
-        Outcome::JobAlreadyFinal { job_id, state } => ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("job {job_id} already ended: {}", state.as_str()),
-        )
-        .into_response(),
-        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}")).into_response(),
-    })
+    write(
+        &state,
+        op,
+        (Method::DELETE, &path, &headers, Bytes::new()),
+        |outcome| match outcome {
+            Outcome::JobCancelled { job_id } => {
+                Json(serde_json::json!({ "id": job_id, "state": "cancelled" })).into_response()
+            }
+            Outcome::JobNotFound { job_id } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no job {job_id}"),
+            )
+            .into_response(),
+            Outcome::JobAlreadyFinal { job_id, state } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("job {job_id} already ended: {}", state.as_str()),
+            )
+            .into_response(),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into_response(),
+        },
+    )
     .await
 }
 
-async fn cluster_status(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<ClusterView>, ApiError> {
+async fn cluster_status(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<ClusterView>, ApiError> {
     // Membership as this node sees it; `stale` skips the leader round trip.
-    let answer = ask(&state, |reply| Event::Read { query: Query::Cluster, stale: params.stale, reply }).await;
+    let answer = ask(&state, |reply| Event::Read {
+        query: Query::Cluster,
+        stale: params.stale,
+        reply,
+    })
+    .await;
     match answer {
         Ok(Answer::Cluster(view)) => Ok(Json(view)),
         Ok(_) => unreachable!("a cluster query answers the cluster"),
@@ -324,29 +461,55 @@ async fn cluster_status(State(state): State<Arc<ApiState>>, axum::extract::Query
     }
 }
 
-async fn remove_member(State(state): State<Arc<ApiState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn remove_member(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let Ok(node_id) = id.parse::<u64>() else {
-        return ApiError::invalid_field("id", format!("{id:?} is not a node id (a number from `gantry cluster status`)")).into_response();
+        return ApiError::invalid_field(
+            "id",
+            format!("{id:?} is not a node id (a number from `gantry cluster status`)"),
+        )
+        .into_response();
     };
     match ask(&state, |reply| Event::RemoveMember { node_id, reply }).await {
         Ok(_) => Json(serde_json::json!({ "removed": node_id })).into_response(),
-        Err(Unavailable::NotLeader { leader: Some(leader) }) => {
-            forward(&state, &leader.http_addr, Method::DELETE, &format!("/v1/cluster/members/{id}"), &headers, Bytes::new()).await
+        Err(Unavailable::NotLeader {
+            leader: Some(leader),
+        }) => {
+            forward(
+                &state,
+                &leader.http_addr,
+                Method::DELETE,
+                &format!("/v1/cluster/members/{id}"),
+                &headers,
+                Bytes::new(),
+            )
+            .await
         }
         Err(reason) => ApiError::from(reason).into_response(),
     }
 }
 
-async fn list_agents(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<AgentView>>, ApiError> {
+async fn list_agents(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
     match read(&state, Query::Agents, &params).await? {
         Answer::Agents(agents) => Ok(Json(agents)),
         _ => unreachable!("an agents query answers agents"),
     }
 }
 
-async fn list_nodes(State(state): State<Arc<ApiState>>, axum::extract::Query(params): axum::extract::Query<ReadParams>) -> Result<Json<Vec<NodeView>>, ApiError> {
+async fn list_nodes(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
     match read(&state, Query::Agents, &params).await? {
-        Answer::Agents(agents) => Ok(Json(agents.into_iter().flat_map(|agent| agent.nodes).collect())),
+        Answer::Agents(agents) => Ok(Json(
+            agents.into_iter().flat_map(|agent| agent.nodes).collect(),
+        )),
         _ => unreachable!("an agents query answers agents"),
     }
 }
@@ -355,8 +518,13 @@ async fn create_token(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<CreateTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<CreateTokenResponse>), ApiError> {
-    let Json(request) = body.map_err(|rejection| ApiError::new(rejection.status(), "invalid_request", rejection.body_text()))?;
-    let role: Role = request.role.parse().map_err(|e: String| ApiError::invalid_field("role", e))?;
+    let Json(request) = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "invalid_request", rejection.body_text())
+    })?;
+    let role: Role = request
+        .role
+        .parse()
+        .map_err(|e: String| ApiError::invalid_field("role", e))?;
     let ttl_seconds = request.ttl_seconds.unwrap_or(TOKEN_TTL_SECONDS_DEFAULT);
     if ttl_seconds == 0 || ttl_seconds > TOKEN_TTL_SECONDS_MAX {
         return Err(ApiError::invalid_field(
@@ -364,9 +532,24 @@ async fn create_token(
             format!("must be between 1 and {TOKEN_TTL_SECONDS_MAX} (30 days), got {ttl_seconds}"),
         ));
     }
-    let now_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let expires_at_unix_s = now_unix_s + ttl_seconds;
-    let token = JoinToken::mint(&state.cluster_key, &state.ca_sha256_hex, role, expires_at_unix_s);
+    let token = JoinToken::mint(
+        &state.cluster_key,
+        &state.ca_sha256_hex,
+        role,
+        expires_at_unix_s,
+    );
     tracing::info!(%role, ttl_seconds, "join token created");
-    Ok((StatusCode::CREATED, Json(CreateTokenResponse { token: token.to_string(), role: role.to_string(), expires_at_unix_s })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateTokenResponse {
+            token: token.to_string(),
+            role: role.to_string(),
+            expires_at_unix_s,
+        }),
+    ))
 }

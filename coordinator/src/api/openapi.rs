@@ -26,7 +26,9 @@ fn stale_parameter() -> Value {
 
 pub fn spec() -> Value {
     let unauthorized = error_response("Missing or wrong bearer token.");
-    let unavailable = error_response("No leader, or the write did not commit in time: retry (with the same Idempotency-Key).");
+    let unavailable = error_response(
+        "No leader, or the write did not commit in time: retry (with the same Idempotency-Key).",
+    );
     json!({
         "openapi": "3.1.0",
         "info": { "title": "Gantry coordinator API", "version": env!("CARGO_PKG_VERSION") },
@@ -104,9 +106,15 @@ mod tests {
         let spec = super::spec();
         let paths = spec["paths"].as_object().unwrap();
         let routes = include_str!("mod.rs");
-        for line in routes.lines().filter(|l| l.trim_start().starts_with(".route(\"")) {
+        for line in routes
+            .lines()
+            .filter(|l| l.trim_start().starts_with(".route(\""))
+        {
             let path = line.split('"').nth(1).unwrap();
-            assert!(paths.contains_key(path), "{path} is served but not in the OpenAPI document");
+            assert!(
+                paths.contains_key(path),
+                "{path} is served but not in the OpenAPI document"
+            );
         }
     }
 }

@@ -54,7 +54,10 @@ impl JobState {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -88,17 +91,38 @@ pub struct AuditRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    JobSubmitted { job_id: String, created: bool },
-    JobCancelled { job_id: String },
-    JobNotFound { job_id: String },
-    JobAlreadyFinal { job_id: String, state: JobState },
-    IdempotencyConflict { key: String, job_id: String },
-    MemberAdded { node_id: u64 },
-    MemberRemoved { node_id: u64 },
+    JobSubmitted {
+        job_id: String,
+        created: bool,
+    },
+    JobCancelled {
+        job_id: String,
+    },
+    JobNotFound {
+        job_id: String,
+    },
+    JobAlreadyFinal {
+        job_id: String,
+        state: JobState,
+    },
+    IdempotencyConflict {
+        key: String,
+        job_id: String,
+    },
+    MemberAdded {
+        node_id: u64,
+    },
+    MemberRemoved {
+        node_id: u64,
+    },
     AgentRecorded,
-    UnknownAgent { agent_id: String },
+    UnknownAgent {
+        agent_id: String,
+    },
     /// The entry did not decode: it is skipped on every replica alike.
-    Invalid { reason: String },
+    Invalid {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -123,29 +147,51 @@ impl State {
         if self.audit.len() == AUDIT_LEN_MAX {
             self.audit.pop_front();
         }
-        self.audit.push_back(AuditRecord { index, at_unix_ms, actor: actor.to_string(), action });
+        self.audit.push_back(AuditRecord {
+            index,
+            at_unix_ms,
+            actor: actor.to_string(),
+            action,
+        });
     }
 
     /// Applies one committed command.
     pub fn apply(&mut self, index: u64, command: &Command) -> Outcome {
-        assert!(index > self.applied_index, "entry {index} applied after {}", self.applied_index);
+        assert!(
+            index > self.applied_index,
+            "entry {index} applied after {}",
+            self.applied_index
+        );
         self.applied_index = index;
         let at = command.at_unix_ms;
         let actor = command.actor.as_str();
         match &command.op {
-            Op::SubmitJob { job_id, idempotency_key, spec_json } => {
+            Op::SubmitJob {
+                job_id,
+                idempotency_key,
+                spec_json,
+            } => {
                 if let Some(key) = idempotency_key {
                     if let Some(existing) = self.idempotency.get(key) {
                         return if &existing.spec_json == spec_json {
-                            Outcome::JobSubmitted { job_id: existing.job_id.clone(), created: false }
+                            Outcome::JobSubmitted {
+                                job_id: existing.job_id.clone(),
+                                created: false,
+                            }
                         } else {
-                            Outcome::IdempotencyConflict { key: key.clone(), job_id: existing.job_id.clone() }
+                            Outcome::IdempotencyConflict {
+                                key: key.clone(),
+                                job_id: existing.job_id.clone(),
+                            }
                         };
                     }
                 }
                 if self.jobs.contains_key(job_id) {
                     // A proposer reused an id; only the first submission stands.
-                    return Outcome::JobSubmitted { job_id: job_id.clone(), created: false };
+                    return Outcome::JobSubmitted {
+                        job_id: job_id.clone(),
+                        created: false,
+                    };
                 }
                 self.jobs.insert(
                     job_id.clone(),
@@ -161,38 +207,68 @@ impl State {
                     },
                 );
                 if let Some(key) = idempotency_key {
-                    self.idempotency
-                        .insert(key.clone(), IdempotencyRecord { job_id: job_id.clone(), spec_json: spec_json.clone() });
+                    self.idempotency.insert(
+                        key.clone(),
+                        IdempotencyRecord {
+                            job_id: job_id.clone(),
+                            spec_json: spec_json.clone(),
+                        },
+                    );
                 }
                 self.audit(index, at, actor, format!("submit job {job_id}"));
-                Outcome::JobSubmitted { job_id: job_id.clone(), created: true }
+                Outcome::JobSubmitted {
+                    job_id: job_id.clone(),
+                    created: true,
+                }
             }
             Op::CancelJob { job_id } => {
                 let Some(job) = self.jobs.get_mut(job_id) else {
-                    return Outcome::JobNotFound { job_id: job_id.clone() };
+                    return Outcome::JobNotFound {
+                        job_id: job_id.clone(),
+                    };
                 };
                 if job.state.is_final() {
-                    return Outcome::JobAlreadyFinal { job_id: job_id.clone(), state: job.state };
+                    return Outcome::JobAlreadyFinal {
+                        job_id: job_id.clone(),
+                        state: job.state,
+                    };
                 }
                 job.state = JobState::Cancelled;
                 job.updated_at_unix_ms = at;
                 self.audit(index, at, actor, format!("cancel job {job_id}"));
-                Outcome::JobCancelled { job_id: job_id.clone() }
+                Outcome::JobCancelled {
+                    job_id: job_id.clone(),
+                }
             }
             Op::AgentRegistered { agent_id, register } => {
                 self.agents.insert(
                     agent_id.clone(),
-                    AgentRecord { register: register.clone(), state: AgentState::Ready, since_unix_ms: at },
+                    AgentRecord {
+                        register: register.clone(),
+                        state: AgentState::Ready,
+                        since_unix_ms: at,
+                    },
                 );
-                self.audit(index, at, actor, format!("register agent {agent_id} ({})", register.name));
+                self.audit(
+                    index,
+                    at,
+                    actor,
+                    format!("register agent {agent_id} ({})", register.name),
+                );
                 Outcome::AgentRecorded
             }
             Op::AgentDown { agent_id } | Op::AgentUp { agent_id } => {
                 let up = matches!(command.op, Op::AgentUp { .. });
                 let Some(agent) = self.agents.get_mut(agent_id) else {
-                    return Outcome::UnknownAgent { agent_id: agent_id.clone() };
+                    return Outcome::UnknownAgent {
+                        agent_id: agent_id.clone(),
+                    };
                 };
-                agent.state = if up { AgentState::Ready } else { AgentState::Down };
+                agent.state = if up {
+                    AgentState::Ready
+                } else {
+                    AgentState::Down
+                };
                 agent.since_unix_ms = at;
                 let action = if up { "up" } else { "down" };
                 self.audit(index, at, actor, format!("agent {agent_id} {action}"));
@@ -202,17 +278,29 @@ impl State {
     }
 
     /// Records a committed membership change.
-    pub fn apply_member_change(&mut self, index: u64, added: bool, change: &MemberChange) -> Outcome {
+    pub fn apply_member_change(
+        &mut self,
+        index: u64,
+        added: bool,
+        change: &MemberChange,
+    ) -> Outcome {
         self.applied_index = self.applied_index.max(index);
         if added {
             self.members.insert(
                 change.node_id,
-                Member { quic_addr: change.quic_addr.clone(), http_addr: change.http_addr.clone() },
+                Member {
+                    quic_addr: change.quic_addr.clone(),
+                    http_addr: change.http_addr.clone(),
+                },
             );
-            Outcome::MemberAdded { node_id: change.node_id }
+            Outcome::MemberAdded {
+                node_id: change.node_id,
+            }
         } else {
             self.members.remove(&change.node_id);
-            Outcome::MemberRemoved { node_id: change.node_id }
+            Outcome::MemberRemoved {
+                node_id: change.node_id,
+            }
         }
     }
 
@@ -229,7 +317,9 @@ impl State {
     }
 
     pub fn decode_snapshot(bytes: &[u8]) -> Result<Self, String> {
-        let (version, body) = bytes.split_at_checked(2).ok_or("snapshot is shorter than its version")?;
+        let (version, body) = bytes
+            .split_at_checked(2)
+            .ok_or("snapshot is shorter than its version")?;
         let version = u16::from_be_bytes([version[0], version[1]]);
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(format!("snapshot format {version} is not {SNAPSHOT_FORMAT_VERSION}, the one this build reads"));
@@ -247,16 +337,38 @@ mod tests {
             request_id,
             at_unix_ms: 1_000 + request_id,
             actor: "admin".into(),
-            op: Op::SubmitJob { job_id: job_id.into(), idempotency_key: key.map(Into::into), spec_json: spec.into() },
+            op: Op::SubmitJob {
+                job_id: job_id.into(),
+                idempotency_key: key.map(Into::into),
+                spec_json: spec.into(),
+            },
         }
     }
 
     #[test]
     fn idempotency_keys_return_the_first_job_or_conflict() {
         let mut state = State::default();
-        assert_eq!(state.apply(1, &submit(1, "j-1", Some("k"), "{a}")), Outcome::JobSubmitted { job_id: "j-1".into(), created: true });
-        assert_eq!(state.apply(2, &submit(2, "j-2", Some("k"), "{a}")), Outcome::JobSubmitted { job_id: "j-1".into(), created: false });
-        assert_eq!(state.apply(3, &submit(3, "j-3", Some("k"), "{b}")), Outcome::IdempotencyConflict { key: "k".into(), job_id: "j-1".into() });
+        assert_eq!(
+            state.apply(1, &submit(1, "j-1", Some("k"), "{a}")),
+            Outcome::JobSubmitted {
+                job_id: "j-1".into(),
+                created: true
+            }
+        );
+        assert_eq!(
+            state.apply(2, &submit(2, "j-2", Some("k"), "{a}")),
+            Outcome::JobSubmitted {
+                job_id: "j-1".into(),
+                created: false
+            }
+        );
+        assert_eq!(
+            state.apply(3, &submit(3, "j-3", Some("k"), "{b}")),
+            Outcome::IdempotencyConflict {
+                key: "k".into(),
+                job_id: "j-1".into()
+            }
+        );
         assert_eq!(state.jobs.len(), 1);
     }
 
@@ -264,22 +376,51 @@ mod tests {
     fn cancel_moves_a_job_to_its_final_state_once() {
         let mut state = State::default();
         state.apply(1, &submit(1, "j-1", None, "{}"));
-        let cancel = |request_id| Command { request_id, at_unix_ms: 5_000, actor: "admin".into(), op: Op::CancelJob { job_id: "j-1".into() } };
-        assert_eq!(state.apply(2, &cancel(2)), Outcome::JobCancelled { job_id: "j-1".into() });
-        assert_eq!(state.apply(3, &cancel(3)), Outcome::JobAlreadyFinal { job_id: "j-1".into(), state: JobState::Cancelled });
-        assert_eq!(state.jobs["j-1"].updated_at_unix_ms, 5_000, "time is the leader's stamp");
+        let cancel = |request_id| Command {
+            request_id,
+            at_unix_ms: 5_000,
+            actor: "admin".into(),
+            op: Op::CancelJob {
+                job_id: "j-1".into(),
+            },
+        };
+        assert_eq!(
+            state.apply(2, &cancel(2)),
+            Outcome::JobCancelled {
+                job_id: "j-1".into()
+            }
+        );
+        assert_eq!(
+            state.apply(3, &cancel(3)),
+            Outcome::JobAlreadyFinal {
+                job_id: "j-1".into(),
+                state: JobState::Cancelled
+            }
+        );
+        assert_eq!(
+            state.jobs["j-1"].updated_at_unix_ms, 5_000,
+            "time is the leader's stamp"
+        );
         assert_eq!(state.audit.len(), 2);
     }
 
     #[test]
     fn snapshots_round_trip_and_refuse_other_versions() {
-        let mut state = State::with_member(1, Member { quic_addr: "q".into(), http_addr: "h".into() });
+        let mut state = State::with_member(
+            1,
+            Member {
+                quic_addr: "q".into(),
+                http_addr: "h".into(),
+            },
+        );
         state.apply(1, &submit(1, "j-1", Some("k"), "{}"));
         let bytes = state.encode_snapshot();
         assert_eq!(State::decode_snapshot(&bytes).unwrap(), state);
         let mut other = bytes.clone();
         other[1] = 99;
-        assert!(State::decode_snapshot(&other).unwrap_err().contains("format 99"));
+        assert!(State::decode_snapshot(&other)
+            .unwrap_err()
+            .contains("format 99"));
     }
 
     #[test]

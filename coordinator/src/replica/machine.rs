@@ -10,19 +10,41 @@ impl StateMachine for State {
 
     fn apply(&mut self, index: u64, data: &[u8]) -> (Option<u64>, Outcome) {
         match replicated::decode::<Command>(data) {
-            Ok(command) => (Some(command.request_id), State::apply(self, index, &command)),
-            Err(e) => (None, self.skip(index, format!("entry {index} does not decode: {e}"))),
+            Ok(command) => (
+                Some(command.request_id),
+                State::apply(self, index, &command),
+            ),
+            Err(e) => (
+                None,
+                self.skip(index, format!("entry {index} does not decode: {e}")),
+            ),
         }
     }
 
     fn apply_conf_change(&mut self, index: u64, change: &ConfChange) -> (Option<u64>, Outcome) {
-        let added = matches!(change.get_change_type(), ConfChangeType::AddNode | ConfChangeType::AddLearnerNode);
+        let added = matches!(
+            change.get_change_type(),
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
+        );
         match replicated::decode::<MemberChange>(&change.context) {
-            Ok(member) => (Some(member.request_id), self.apply_member_change(index, added, &member)),
+            Ok(member) => (
+                Some(member.request_id),
+                self.apply_member_change(index, added, &member),
+            ),
             // A change proposed without context (a promotion) leaves the member table as it is.
-            Err(_) if added => (None, Outcome::MemberAdded { node_id: change.node_id }),
+            Err(_) if added => (
+                None,
+                Outcome::MemberAdded {
+                    node_id: change.node_id,
+                },
+            ),
             Err(_) => {
-                let member = MemberChange { request_id: 0, node_id: change.node_id, quic_addr: String::new(), http_addr: String::new() };
+                let member = MemberChange {
+                    request_id: 0,
+                    node_id: change.node_id,
+                    quic_addr: String::new(),
+                    http_addr: String::new(),
+                };
                 (None, self.apply_member_change(index, false, &member))
             }
         }

@@ -172,7 +172,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             None => Default::default(),
         };
         let store = LogStore::from_recovered(recovered);
-        let snapshot = store.snapshot(0, 0)?;
+        let snapshot = store.to_recovered().snapshot;
         if !snapshot.data.is_empty() {
             machine
                 .restore(&snapshot.data)
@@ -241,15 +241,33 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
 
     /// The entry at `index`, if the log still holds it.
     pub fn log_entry(&self, index: u64) -> Option<Entry> {
-        self.raw.store().entries(index, index + 1, None, raft::GetEntriesContext::empty(false)).ok()?.pop()
+        self.raw
+            .store()
+            .entries(
+                index,
+                index + 1,
+                None,
+                raft::GetEntriesContext::empty(false),
+            )
+            .ok()?
+            .pop()
     }
 
     pub fn first_log_index(&self) -> u64 {
         self.raw.store().snapshot_index() + 1
     }
 
-    pub fn tick(&mut self) {
+    pub fn tick(&mut self) -> Result<(), ReplicaError<D::Error>> {
         self.raw.tick();
+        if self.raw.store().take_snapshot_request() {
+            // A follower needs a snapshot that names it: take one of the current state.
+            let batch = self
+                .raw
+                .store()
+                .compaction_batch(self.applied, self.machine.snapshot());
+            self.persist(batch)?;
+        }
+        Ok(())
     }
 
     pub fn campaign(&mut self) -> Result<(), raft::Error> {
@@ -295,7 +313,11 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
     /// The transport tells raft whether a snapshot it sent arrived. Until it hears, raft sends
     /// that follower nothing more, so a lost snapshot must be reported or the follower stalls.
     pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
-        let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+        let status = if delivered {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
         self.raw.report_snapshot(to, status);
     }
 

@@ -58,6 +58,9 @@ pub struct LogStore {
     snapshot: Snapshot,
     /// `entries[i].index == snapshot.index + 1 + i`.
     entries: Vec<Entry>,
+    /// Raft asked for a snapshot the stored one cannot serve (it predates the follower joining,
+    /// or is too old); the replica takes a fresh one and raft asks again.
+    snapshot_requested: std::cell::Cell<bool>,
 }
 
 impl LogStore {
@@ -67,6 +70,7 @@ impl LogStore {
             conf_state: recovered.conf_state,
             snapshot: recovered.snapshot,
             entries: recovered.entries,
+            snapshot_requested: Default::default(),
         };
         // The commit index is written lazily; a snapshot proves at least its index committed.
         let snapshot_index = store.snapshot_index();
@@ -181,6 +185,11 @@ impl LogStore {
         self.check();
     }
 
+    /// Whether raft asked for a fresh snapshot since the last call.
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_requested.replace(false)
+    }
+
     /// The snapshot of the state as of `index` replaces the log up to it.
     pub fn compaction_batch(&self, index: u64, data: Vec<u8>) -> PersistBatch {
         let mut snapshot = Snapshot::default();
@@ -247,10 +256,16 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The latest snapshot always covers everything before the first stored entry, which is
-        // exactly what a follower that needs a snapshot lacks.
-        Ok(self.snapshot.clone())
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // The stored snapshot covers everything before the first stored entry, which is what a
+        // lagging follower lacks, provided its configuration already names that follower.
+        let conf = self.snapshot.get_metadata().get_conf_state();
+        let names_follower = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if names_follower && self.snapshot_index() >= request_index {
+            return Ok(self.snapshot.clone());
+        }
+        self.snapshot_requested.set(true);
+        Err(Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -298,6 +313,10 @@ mod tests {
             store.term(5),
             Err(Error::Store(StorageError::Compacted))
         ));
-        assert_eq!(store.snapshot(0, 0).unwrap().data.as_ref(), b"state");
+        assert!(
+            store.snapshot(0, 1).is_err(),
+            "the stored snapshot does not name node 1"
+        );
+        assert!(store.take_snapshot_request());
     }
 }
