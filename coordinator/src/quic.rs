@@ -62,10 +62,20 @@ pub fn endpoint(files: &ClusterFiles, socket: std::net::UdpSocket) -> Result<qui
     Ok(transport::server_endpoint(socket, tls)?)
 }
 
+/// Accepts connections until the endpoint closes. Each connection's task lives in a set owned
+/// by this future, so dropping it (a coordinator stopped abruptly) ends them all.
 pub async fn serve(endpoint: quinn::Endpoint, context: Arc<QuicContext>) {
-    while let Some(incoming) = endpoint.accept().await {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
         let context = context.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(connection) => connection,

@@ -706,6 +706,16 @@ impl Coordinator {
     }
 }
 
+/// Aborts the task when dropped, so that a coordinator future dropped mid-run (a test's crash,
+/// a runtime shutting down) leaves no task holding its sockets.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How this node takes part: it starts a cluster, or joins one, or (restarting) has its data.
 #[derive(Debug, Clone)]
 pub enum Membership {
@@ -787,7 +797,7 @@ pub async fn run_with(
         config.agent_cert_ttl,
     ));
     let endpoint = quic::endpoint(&files, listeners.quic)?;
-    let quic_task = tokio::spawn(quic::serve(endpoint.clone(), quic_context));
+    let quic_task = AbortOnDrop(tokio::spawn(quic::serve(endpoint.clone(), quic_context)));
     let api_state = Arc::new(api::ApiState::new(&files, events_tx.clone()));
     listeners
         .http
@@ -796,13 +806,13 @@ pub async fn run_with(
     let http_listener =
         tokio::net::TcpListener::from_std(listeners.http).context("adopt the HTTP listener")?;
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let http_task = tokio::spawn(async move {
+    let mut http_task = AbortOnDrop(tokio::spawn(async move {
         axum::serve(http_listener, api::router(api_state))
             .with_graceful_shutdown(async {
                 let _ = http_stop_rx.await;
             })
             .await
-    });
+    }));
     tracing::info!(
         node = node_id,
         quic = %quic_addr,
@@ -869,9 +879,9 @@ pub async fn run_with(
         b"coordinator shutting down",
     );
     let _ = http_stop_tx.send(());
-    quic_task.abort();
+    quic_task.0.abort();
     drop(coordinator);
-    let _ = http_task.await;
+    let _ = (&mut http_task.0).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     outcome
 }
