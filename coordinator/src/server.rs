@@ -542,11 +542,16 @@ impl Coordinator {
 
     fn handle_ready(&mut self) -> Result<()> {
         while self.replica.has_ready() {
+            let peers = &mut self.peers;
+            let mut early_failed = Vec::new();
             let output = self
                 .replica
-                .handle_ready()
+                .handle_ready(&mut |messages| early_failed.extend(peers.send(messages)))
                 .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
-            for to in self.peers.send(output.messages) {
+            for to in early_failed
+                .into_iter()
+                .chain(self.peers.send(output.messages))
+            {
                 self.replica.report_snapshot(to, false);
             }
             if let Some(leader) = output.leader_changed {

@@ -2,7 +2,8 @@
 //! replicated state machine, over a network that loses, delays and reorders messages and can be
 //! partitioned, with nodes that crash and restart from what they had persisted. Everything not yet
 //! made durable by a Ready pass (raft's unstable log, in-flight proposals, the lazily written
-//! commit index) is lost in a crash.
+//! commit index) is lost in a crash, and some crashes strike in the middle of a write, after a
+//! leader has already sent the appends raft lets it send before its own write is durable.
 //!
 //! Checked at every step (Raft paper section in brackets):
 //! - at most one leader per term [5.2, Election Safety];
@@ -23,20 +24,30 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-/// What survives a crash: everything `persist` was given.
+/// What survives a crash: everything `persist` was given and finished. A disk can be set to
+/// crash its node in the middle of the next write: that write is lost, after the messages raft
+/// let the node send before writing have already gone out.
 #[derive(Clone, Default)]
-pub struct SimDisk(Rc<RefCell<LogStore>>);
+pub struct SimDisk {
+    stored: Rc<RefCell<LogStore>>,
+    crash_during_next_write: Rc<std::cell::Cell<bool>>,
+}
 
 impl Durable for SimDisk {
     type Error = std::io::Error;
 
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), Self::Error> {
-        self.0.borrow_mut().apply(batch);
+        if self.crash_during_next_write.replace(false) {
+            return Err(std::io::Error::other(
+                "crashed before the write was durable",
+            ));
+        }
+        self.stored.borrow_mut().apply(batch);
         Ok(())
     }
 
     fn load(&self) -> Result<Option<Recovered>, Self::Error> {
-        let store = self.0.borrow();
+        let store = self.stored.borrow();
         let recovered = store.to_recovered();
         let empty = recovered.entries.is_empty()
             && recovered.snapshot.get_metadata().index == 0
@@ -78,6 +89,8 @@ pub struct Report {
     pub committed_entries: u64,
     pub acknowledged: usize,
     pub crashes: u64,
+    /// Crashes that struck in the middle of a write.
+    pub crashes_mid_write: u64,
     pub partitions: u64,
     pub leaders_elected: usize,
 }
@@ -114,6 +127,8 @@ struct Sim {
     state_at_index: BTreeMap<u64, Vec<u8>>,
     last_checked_applied: Vec<u64>,
     pending: BTreeMap<u64, Pending>,
+    /// Nodes whose disk will fail their next write, to crash them mid-Ready.
+    crashing: Vec<bool>,
     acknowledged: BTreeMap<String, String>,
     unacknowledged: Vec<String>,
     next_request: u64,
@@ -158,6 +173,7 @@ impl Sim {
             state_at_index: BTreeMap::new(),
             last_checked_applied: vec![0; n],
             pending: BTreeMap::new(),
+            crashing: vec![false; n],
             acknowledged: BTreeMap::new(),
             unacknowledged: Vec::new(),
             next_request: 1,
@@ -202,6 +218,8 @@ impl Sim {
 
     fn crash(&mut self, idx: usize) {
         self.nodes[idx] = None;
+        self.crashing[idx] = false;
+        self.disks[idx].crash_during_next_write.set(false);
         self.report.crashes += 1;
         self.give_up_on(|pending| pending.node == idx);
     }
@@ -341,9 +359,19 @@ impl Sim {
     fn drive_ready(&mut self, lossy: bool) -> Result<(), String> {
         for idx in 0..self.nodes.len() {
             while let Some(node) = self.nodes[idx].as_mut().filter(|node| node.has_ready()) {
-                let output = node
-                    .handle_ready()
-                    .map_err(|e| format!("node {} ready failed: {e}", idx + 1))?;
+                let mut early = Vec::new();
+                let outcome = node.handle_ready(&mut |messages| early.extend(messages));
+                self.send(early, lossy);
+                let output = match outcome {
+                    Ok(output) => output,
+                    Err(_) if self.crashing[idx] => {
+                        // The node died mid-write: whatever that write held is gone.
+                        self.report.crashes_mid_write += 1;
+                        self.crash(idx);
+                        break;
+                    }
+                    Err(e) => return Err(self.fail(format!("node {} ready failed: {e}", idx + 1))),
+                };
                 if output.leader_changed.is_some() {
                     // A node that lost leadership may never commit what it accepted.
                     self.give_up_on(|pending| pending.node == idx);
@@ -446,7 +474,13 @@ impl Sim {
     fn faults(&mut self) -> Result<(), String> {
         let n = self.nodes.len();
         let roll = self.rng.below(1000);
-        if roll < 4 {
+        if roll < 2 {
+            let idx = self.rng.below(n as u64) as usize;
+            if self.nodes[idx].is_some() {
+                self.crashing[idx] = true;
+                self.disks[idx].crash_during_next_write.set(true);
+            }
+        } else if roll < 4 {
             let idx = self.rng.below(n as u64) as usize;
             if self.nodes[idx].is_some() {
                 self.crash(idx);
@@ -471,10 +505,15 @@ impl Sim {
             self.faults()?;
         }
         self.deliver()?;
-        for (idx, node) in self.nodes.iter_mut().enumerate() {
-            if let Some(node) = node {
-                node.tick()
-                    .map_err(|e| format!("node {} tick failed: {e}", idx + 1))?;
+        for idx in 0..self.nodes.len() {
+            let Some(node) = self.nodes[idx].as_mut() else {
+                continue;
+            };
+            if let Err(e) = node.tick() {
+                if !self.crashing[idx] {
+                    return Err(self.fail(format!("node {} tick failed: {e}", idx + 1)));
+                }
+                self.crash(idx);
             }
         }
         if faulty && self.rng.below(100) < self.config.submit_percent {
@@ -499,6 +538,8 @@ impl Sim {
         }
         self.partition = None;
         for idx in 0..self.nodes.len() {
+            self.crashing[idx] = false;
+            self.disks[idx].crash_during_next_write.set(false);
             if self.nodes[idx].is_none() {
                 self.start(idx, false)?;
             }
@@ -589,12 +630,13 @@ mod tests {
         for seed in 0..seeds() {
             let report = run(seed, SimConfig::new(n_nodes)).unwrap_or_else(|failure| panic!("{failure}\nreplay: gantry_simulations::cluster::run({seed}, SimConfig::new({n_nodes}))"));
             totals.crashes += report.crashes;
+            totals.crashes_mid_write += report.crashes_mid_write;
             totals.partitions += report.partitions;
             totals.acknowledged += report.acknowledged;
             totals.committed_entries += report.committed_entries;
         }
         assert!(
-            totals.crashes > 0 && totals.partitions > 0,
+            totals.crashes > 0 && totals.crashes_mid_write > 0 && totals.partitions > 0,
             "the faults never happened: {totals:?}"
         );
         assert!(

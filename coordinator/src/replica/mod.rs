@@ -6,11 +6,14 @@
 //! coordinator's event loop and the simulator drive the same code.
 //!
 //! The Ready contract (raft-rs's `RawNode` docs), in the order `handle_ready` follows it:
-//! 1. take the messages raft wants sent;
+//! 1. send the messages raft allows before persistence (a leader's appends to followers);
 //! 2. persist the snapshot, the new entries and the hard state, and fsync, in one batch;
 //! 3. restore the state machine from a received snapshot, then apply committed entries;
 //! 4. `advance`, persist the new commit index with the next batch, apply what `advance` committed;
-//! 5. return every message only now, after the writes they depend on are durable.
+//! 5. return every other message only now, after the writes they depend on are durable.
+//!
+//! A batch that only advances the commit index is not fsynced: the commit index is volatile in
+//! Raft (section 5.3) and a restarted node learns it again from the leader.
 
 pub mod disk;
 pub mod logging;
@@ -340,6 +343,22 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         if batch.is_empty() {
             return Ok(());
         }
+        // Only the commit index moved: it need not be durable (a restarted node learns it again
+        // from the leader), so it waits for the next batch instead of costing an fsync.
+        let stored = self.raw.store().hard_state();
+        let commit_only = batch.snapshot.is_none()
+            && batch.entries.is_empty()
+            && batch.conf_state.is_none()
+            && batch.compact_before.is_none()
+            && batch
+                .hard_state
+                .as_ref()
+                .is_some_and(|hs| hs.term == stored.term && hs.vote == stored.vote);
+        if commit_only {
+            self.raw.mut_store().apply(&batch);
+            self.commit_dirty = true;
+            return Ok(());
+        }
         self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
         self.raw.mut_store().apply(&batch);
         self.commit_dirty = false;
@@ -389,7 +408,13 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
     }
 
     /// Runs the Ready contract once, if raft has anything ready.
-    pub fn handle_ready(&mut self) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+    ///
+    /// `send_early` receives the messages raft allows to go out before this node's own writes are
+    /// durable (a leader's appends), so followers write in parallel with the leader.
+    pub fn handle_ready(
+        &mut self,
+        send_early: &mut dyn FnMut(Vec<Message>),
+    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
         let mut output = Output::default();
         if !self.raw.has_ready() {
             return Ok(output);
@@ -405,7 +430,10 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
                 output.leader_changed = Some(leader);
             }
         }
-        output.messages.extend(ready.take_messages());
+        let early = ready.take_messages();
+        if !early.is_empty() {
+            send_early(early);
+        }
         let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
         let batch = PersistBatch {
             snapshot: snapshot.clone(),
