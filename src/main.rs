@@ -160,6 +160,9 @@ struct CoordinatorArgs {
     /// The HTTP address other coordinators forward writes to [default: --http].
     #[arg(long, env = "GANTRY_ADVERTISE_HTTP")]
     advertise_http: Option<SocketAddr>,
+    /// Snapshot the state and compact the Raft log every this many entries [default: 10000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every_entries: Option<u64>,
     /// How often agents heartbeat [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -348,6 +351,9 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             "--agent-cert-ttl must be at least 3s, got {:?}",
             config.agent_cert_ttl
         );
+    }
+    if let Some(every) = args.snapshot_every_entries {
+        config.snapshot_every_entries = every;
     }
     config.advertise_quic = args.advertise_quic;
     config.advertise_http = args.advertise_http;

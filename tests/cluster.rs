@@ -53,6 +53,8 @@ impl Cluster {
                     .args(["coordinator", "--listen", &node.quic, "--http", &node.http])
                     .arg("--data-dir")
                     .arg(&node.dir);
+                // Compact often, so the restarted node must catch up from a snapshot.
+                command.args(["--snapshot-every-entries", "50"]);
                 if init {
                     command.arg("--init");
                 }
@@ -77,7 +79,8 @@ impl Cluster {
                 if init && !gantry_coordinator::data_dir::is_initialized(&node.dir) {
                     gantry_coordinator::data_dir::init(&node.dir).unwrap();
                 }
-                let config = gantry_coordinator::CoordinatorConfig::new(node.dir.clone());
+                let mut config = gantry_coordinator::CoordinatorConfig::new(node.dir.clone());
+                config.snapshot_every_entries = 50;
                 let membership = match membership {
                     Some(join) => {
                         let (token, seed) = gantry_coordinator::join::parse_join(&join).unwrap();

@@ -42,6 +42,8 @@ pub struct CoordinatorConfig {
     /// Addresses the other members use to reach this one; the bound addresses when unset.
     pub advertise_quic: Option<SocketAddr>,
     pub advertise_http: Option<SocketAddr>,
+    /// Snapshot the state and compact the Raft log every this many applied entries.
+    pub snapshot_every_entries: u64,
 }
 
 impl CoordinatorConfig {
@@ -53,6 +55,7 @@ impl CoordinatorConfig {
             agent_cert_ttl: Duration::from_secs(24 * 3600),
             advertise_quic: None,
             advertise_http: None,
+            snapshot_every_entries: 10_000,
         }
     }
 }
@@ -786,8 +789,10 @@ pub async fn run_with(
         });
     }
     let logger = crate::replica::logging::logger(node_id);
+    let mut replica_config = ReplicaConfig::new(node_id);
+    replica_config.snapshot_every_entries = config.snapshot_every_entries.max(1);
     let replica = Replica::open(
-        ReplicaConfig::new(node_id),
+        replica_config,
         initial,
         disk,
         bootstrap.then_some(&[node_id][..]),
