@@ -61,6 +61,10 @@ impl ApiClient {
             .await
     }
 
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(reqwest::Method::PUT, path, Some(body), None).await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(reqwest::Method::DELETE, path, None::<&()>, None)
             .await

@@ -93,6 +93,21 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Why a job's waiting units are not placed: nodes removed by each filter, best candidates.
+    Explain {
+        job: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Team GPU quotas.
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The coordinators' Raft group: status and membership.
     Cluster {
         #[command(subcommand)]
@@ -108,6 +123,21 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// Limit the GPUs a team may hold at once.
+    Set {
+        team: String,
+        /// GPUs; omit with --unlimited to remove the limit.
+        #[arg(long, required_unless_present = "unlimited")]
+        gpus: Option<u32>,
+        #[arg(long, conflicts_with = "gpus")]
+        unlimited: bool,
+    },
+    /// List the quotas.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -301,6 +331,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Status { job, output, api } => job_status(&api, &job, output).await,
         Command::Cancel { job, api } => cancel(&api, &job).await,
         Command::Cluster { command, api } => cluster(&api, command).await,
+        Command::Explain { job, output, api } => explain(&api, &job, output).await,
+        Command::Quota { command, api } => quota(&api, command).await,
         Command::Demo { keep } => demo::run(keep).await,
     }
 }
@@ -586,6 +618,22 @@ async fn job_status(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
                 ["UPDATED".into(), local_time(view.updated_at_unix_ms)],
             ];
             print_table(&["FIELD", "VALUE"], &rows);
+            println!("progress {}/{}, restarts {}", view.progress.succeeded, view.progress.total, view.restarts);
+            if let Some(failure) = &view.failure {
+                println!("failed: {failure}");
+            }
+            if !view.allocations.is_empty() {
+                println!();
+                let rows: Vec<[String; 6]> = view
+                    .allocations
+                    .iter()
+                    .map(|a| {
+                        let exit = a.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+                        [a.id.clone(), a.unit.to_string(), format!("{}/{}", a.agent, a.node), a.state.clone(), exit, a.reason.clone().unwrap_or_default()]
+                    })
+                    .collect();
+                print_table(&["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"], &rows);
+            }
         }
     }
     Ok(())
@@ -645,6 +693,47 @@ async fn cluster(api: &ApiArgs, command: ClusterCommand) -> Result<()> {
                 .delete(&format!("/v1/cluster/members/{node_id}"))
                 .await?;
             eprintln!("removed member {node_id}");
+        }
+    }
+    Ok(())
+}
+
+async fn explain(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let view: gantry_coordinator::api::types::ExplainView = client.get(&format!("/v1/jobs/{job}/explain")).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Table => {
+            if view.units.is_empty() {
+                println!("{} is {}: no unit is waiting for a node", view.job, view.state);
+            }
+            for unit in &view.units {
+                println!("unit {}: {}", unit.unit, unit.reason);
+                let filtered: Vec<String> = unit.filtered.iter().map(|f| format!("{} {}", f.filter, f.nodes)).collect();
+                println!("  {} nodes; removed by filter: {}", unit.nodes_total, if filtered.is_empty() { "none".into() } else { filtered.join(", ") });
+                for candidate in &unit.candidates {
+                    println!("  candidate {} score {}", candidate.node, candidate.score);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    match command {
+        QuotaCommand::Set { team, gpus, .. } => {
+            let _: serde_json::Value = client.put(&format!("/v1/quotas/{team}"), &serde_json::json!({ "gpus": gpus })).await?;
+            match gpus {
+                Some(gpus) => eprintln!("team {team} may hold {gpus} GPU(s)"),
+                None => eprintln!("team {team} has no GPU limit"),
+            }
+        }
+        QuotaCommand::List => {
+            let quotas: std::collections::BTreeMap<String, u32> = client.get("/v1/quotas").await?;
+            let rows: Vec<[String; 2]> = quotas.iter().map(|(team, gpus)| [team.clone(), gpus.to_string()]).collect();
+            print_table(&["TEAM", "GPUS"], &rows);
         }
     }
     Ok(())

@@ -7,8 +7,10 @@
 pub mod config;
 pub mod credentials;
 pub mod fingerprint;
+pub mod runtime;
 pub mod runtimes;
 pub mod session;
+pub mod supervisor;
 
 use anyhow::{bail, Context, Result};
 use config::AgentConfig;
@@ -131,7 +133,31 @@ pub async fn run(
         .with_context(|| format!("create data dir {}", options.data_dir.display()))?;
     let credentials = credentials(&options).await?;
     tracing::info!(agent = %credentials.agent_id, "agent identity loaded");
-    let runtimes = runtimes::detect(options.config.allow_process).await;
+    let detected = runtimes::detect(options.config.allow_process).await;
+    // Only runtimes this build can run work on are offered to the scheduler; the container
+    // runtimes are detected (and logged) but arrive with their own implementation.
+    let runtimes: Vec<RuntimeReport> = detected
+        .into_iter()
+        .filter(|r| {
+            let usable = r.kind == gantry_protocol::RuntimeKind::Process;
+            if !usable {
+                tracing::info!(runtime = r.kind.as_str(), "detected, but this build runs work only through the process runtime");
+            }
+            usable
+        })
+        .collect();
+    let work_root = options.data_dir.join("allocations");
+    std::fs::create_dir_all(&work_root).with_context(|| format!("create {}", work_root.display()))?;
+    let (events_tx, runtime_events) = tokio::sync::mpsc::unbounded_channel();
+    let runtime: Option<std::sync::Arc<dyn runtime::Runtime>> = options.config.allow_process.then(|| {
+        let config = runtime::RuntimeConfig { work_root: work_root.clone(), log_bytes_max: LOG_BYTES_MAX };
+        std::sync::Arc::new(runtime::process::ProcessRuntime::new(config, events_tx)) as std::sync::Arc<dyn runtime::Runtime>
+    });
+    let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
+    let gpus = fingerprint::local_node(&options.config, &options.data_dir).gpus;
+    let mut supervisor = supervisor::Supervisor::new(runtime, work_root.clone(), gpus, reports_tx);
+    supervisor.report_previous(runtime::process::previous_allocations(&work_root));
+    let work = session::Work { supervisor, runtime_events, reports, undelivered: Default::default() };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -139,7 +165,7 @@ pub async fn run(
     });
     let config = options.config.clone();
     let data_dir = options.data_dir.clone();
-    let session = session::Session::new(
+    let mut session = session::Session::new(
         session::SessionConfig {
             coordinators: options.coordinators.clone(),
             data_dir: options.data_dir.clone(),
@@ -148,6 +174,14 @@ pub async fn run(
         },
         credentials,
         Box::new(move || register_message(&config, &data_dir, &runtimes)),
+        work,
     );
-    session.run(shutdown_rx).await
+    let outcome = session.run(shutdown_rx).await;
+    session.shutdown_work(STOP_GRACE_ON_EXIT).await;
+    outcome
 }
+
+/// Output kept per allocation and stream.
+pub const LOG_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// When the agent exits, its units get this long to stop before they are killed.
+pub const STOP_GRACE_ON_EXIT: Duration = Duration::from_secs(10);

@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use gantry_protocol::pki::{self, COORDINATOR_SERVER_NAME};
 use gantry_protocol::tls;
 use gantry_protocol::transport::{self, close_code, ALPN_AGENT};
-use gantry_protocol::{AgentMessage, CoordinatorMessage, Heartbeat, Register};
+use gantry_protocol::{AgentMessage, AllocationStateReport, CoordinatorMessage, Heartbeat, Register};
+use std::collections::VecDeque;
+use tokio::sync::mpsc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,7 +71,17 @@ pub struct Session {
     config: SessionConfig,
     credentials: AgentCredentials,
     /// Builds the register message afresh for each connection (capacity can change).
-    make_register: Box<dyn Fn() -> Register + Send>,
+    make_register: Box<dyn Fn() -> Register + Send + Sync>,
+    work: Work,
+}
+
+/// The agent's work, which lives across sessions: the supervisor, the runtime's events, and the
+/// reports not yet delivered to a coordinator.
+pub struct Work {
+    pub supervisor: crate::supervisor::Supervisor,
+    pub runtime_events: mpsc::UnboundedReceiver<crate::runtime::RuntimeEvent>,
+    pub reports: mpsc::UnboundedReceiver<AllocationStateReport>,
+    pub undelivered: VecDeque<AllocationStateReport>,
 }
 
 async fn resolve(address: &str) -> Result<SocketAddr> {
@@ -84,18 +96,25 @@ impl Session {
     pub fn new(
         config: SessionConfig,
         credentials: AgentCredentials,
-        make_register: Box<dyn Fn() -> Register + Send>,
+        make_register: Box<dyn Fn() -> Register + Send + Sync>,
+        work: Work,
     ) -> Self {
         Self {
             config,
             credentials,
             make_register,
+            work,
         }
+    }
+
+    /// Stops everything the agent runs: nothing outlives it.
+    pub async fn shutdown_work(&self, grace: Duration) {
+        self.work.supervisor.shutdown(grace).await;
     }
 
     /// Runs until `shutdown` turns true. Returns an error only for conditions a restart cannot
     /// cure (an expired certificate).
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut rotation = 0usize;
         let mut redirect: Option<String> = None;
@@ -212,6 +231,17 @@ impl Session {
             welcome.heartbeat_interval_ms.max(100),
         ));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A new coordinator (or the same after a break) hears what runs here now.
+        self.work.supervisor.report_running().await;
+        while let Ok(report) = self.work.reports.try_recv() {
+            self.work.undelivered.push_back(report);
+        }
+        while let Some(report) = self.work.undelivered.front().cloned() {
+            if let Err(e) = send.send(&AgentMessage::AllocationState(report)).await {
+                return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() });
+            }
+            self.work.undelivered.pop_front();
+        }
         let mut seq = 0u64;
         let mut pending_key: Option<rcgen::KeyPair> = None;
         loop {
@@ -249,12 +279,24 @@ impl Session {
                         return Ok(Outcome::Ended { welcomed: true, reason: format!("coordinator error: {}", error.message) });
                     }
                     Ok(Some(CoordinatorMessage::Assign(assign))) => {
-                        tracing::warn!(allocation = %assign.allocation_id, "assignment received but this agent runs no workloads yet");
+                        tracing::info!(allocation = %assign.allocation_id, job = %assign.job_id, "assigned");
+                        self.work.supervisor.handle_assign(assign);
+                    }
+                    Ok(Some(CoordinatorMessage::Stop(stop))) => {
+                        tracing::info!(allocation = %stop.allocation_id, "asked to stop");
+                        self.work.supervisor.handle_stop(stop);
                     }
                     Ok(Some(other)) => tracing::debug!(?other, "ignoring message"),
                     Ok(None) => return Ok(Outcome::Ended { welcomed: true, reason: "coordinator closed the session".into() }),
                     Err(e) => return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() }),
                 },
+                Some(event) = self.work.runtime_events.recv() => self.work.supervisor.handle_runtime_event(event),
+                Some(report) = self.work.reports.recv() => {
+                    if let Err(e) = send.send(&AgentMessage::AllocationState(report.clone())).await {
+                        self.work.undelivered.push_back(report);
+                        return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() });
+                    }
+                }
                 _ = shutdown.changed() => return Ok(Outcome::Ended { welcomed: true, reason: "shutting down".into() }),
             }
         }

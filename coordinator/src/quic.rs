@@ -471,7 +471,11 @@ async fn agent_session(
                 }
                 Ok(Some(AgentMessage::Register(_))) => break Err("Register sent twice in one session".into()),
                 Ok(Some(AgentMessage::AllocationState(report))) => {
-                    tracing::debug!(agent = %agent_id, allocation = %report.allocation_id, "allocation state report");
+                    tracing::debug!(agent = %agent_id, allocation = %report.allocation_id, phase = ?report.phase, "allocation state report");
+                    let event = Event::AllocationReport { agent_id: agent_id.clone(), report };
+                    if context.events.send(event).await.is_err() {
+                        break Ok(());
+                    }
                 }
                 Ok(Some(AgentMessage::LogChunk(chunk))) => {
                     tracing::debug!(agent = %agent_id, allocation = %chunk.allocation_id, "log chunk");

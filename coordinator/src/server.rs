@@ -4,6 +4,7 @@
 
 use crate::api::types::{AgentView, ClusterView, GpuView, MemberView, NodeView, RuntimeView};
 use crate::core::liveness::{AgentStatus, LivenessTracker};
+use crate::core::scheduler;
 use crate::core::state::{AgentState, Job, Member, Outcome, State};
 use crate::peers::PeerTransport;
 use crate::replica::disk::RedbLog;
@@ -13,7 +14,7 @@ use anyhow::{Context, Result};
 use gantry_protocol::replicated::{self, Command, MemberChange, Op};
 use gantry_protocol::{CoordinatorMessage, GpuSource, SiteKind, Welcome};
 use raft::eraftpb::{ConfChange, ConfChangeType, Message};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ const EVENTS_PER_READY_MAX: usize = 4096;
 pub const TICK: Duration = Duration::from_millis(100);
 /// A proposal or linearizable read not answered in this time gets a 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopped unit gets between the polite signal and the kill.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Proposals waiting for commit at once; more are refused with a 503.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 
@@ -86,14 +89,22 @@ pub type Reply<T> = oneshot::Sender<Result<T, Unavailable>>;
 pub enum Query {
     Jobs,
     Job(String),
+    Explain(String),
+    Quotas,
     Agents,
     Cluster,
 }
 
+/// A job with its allocations, for the API.
+pub type JobWithAllocations = (Job, Vec<crate::core::allocations::Allocation>);
+
 #[derive(Debug, Clone)]
 pub enum Answer {
-    Jobs(Vec<Job>),
-    Job(Option<Job>),
+    Jobs(Vec<JobWithAllocations>),
+    Job(Option<JobWithAllocations>),
+    /// The job, if it exists, and its units the scheduler cannot place now, with why.
+    Explain(Option<Job>, Vec<scheduler::Unplaced>),
+    Quotas(BTreeMap<String, u32>),
     Agents(Vec<AgentView>),
     Cluster(ClusterView),
 }
@@ -114,6 +125,11 @@ pub enum Event {
     SessionEnded {
         agent_id: String,
         session_id: u64,
+    },
+    /// An agent reported on one of its allocations.
+    AllocationReport {
+        agent_id: String,
+        report: gantry_protocol::AllocationStateReport,
     },
     PeerMessages(Vec<Message>),
     PeerStatus {
@@ -189,6 +205,11 @@ struct Coordinator {
     peer_applied: BTreeMap<u64, u64>,
     members_seen: BTreeMap<u64, Member>,
     ticks: u64,
+    /// The request id of the placement pass waiting for commit; one at a time.
+    place_in_flight: Option<(u64, Instant)>,
+    /// Allocations whose Assign, and whose Stop, went to the agent's current session.
+    assigned: BTreeSet<String>,
+    stopped: BTreeSet<String>,
 }
 
 impl Coordinator {
@@ -299,11 +320,18 @@ impl Coordinator {
 
     fn answer(&self, query: &Query) -> Answer {
         match query {
-            Query::Jobs => Answer::Jobs(self.state().jobs.values().cloned().collect()),
-            Query::Job(id) => Answer::Job(self.state().jobs.get(id).cloned()),
+            Query::Jobs => Answer::Jobs(self.state().jobs.values().map(|job| self.with_allocations(job)).collect()),
+            Query::Job(id) => Answer::Job(self.state().jobs.get(id).map(|job| self.with_allocations(job))),
+            Query::Explain(id) => Answer::Explain(self.state().jobs.get(id).cloned(), self.explain(id)),
+            Query::Quotas => Answer::Quotas(self.state().quotas.clone()),
             Query::Agents => Answer::Agents(self.agent_views()),
             Query::Cluster => Answer::Cluster(self.cluster_view()),
         }
+    }
+
+    fn with_allocations(&self, job: &Job) -> JobWithAllocations {
+        let allocations = self.state().allocations.values().filter(|a| a.job_id == job.id).cloned().collect();
+        (job.clone(), allocations)
     }
 
     fn handle_event(&mut self, event: Event) {
@@ -335,6 +363,18 @@ impl Coordinator {
                 }
                 self.sessions
                     .insert(agent_id.clone(), Session { session_id, outbox });
+                // A new session gets every assignment and stop again; the agent ignores repeats.
+                let mine: Vec<String> = self
+                    .state()
+                    .allocations
+                    .values()
+                    .filter(|a| a.agent_id == agent_id)
+                    .map(|a| a.id.clone())
+                    .collect();
+                for id in mine {
+                    self.assigned.remove(&id);
+                    self.stopped.remove(&id);
+                }
                 let _ = reply.send(Ok(Welcome {
                     agent_id,
                     heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
@@ -372,6 +412,9 @@ impl Coordinator {
                     self.sessions.remove(&agent_id);
                     tracing::info!(agent = %agent_id, "agent session ended; down after its TTL unless it reconnects");
                 }
+            }
+            Event::AllocationReport { agent_id, report } => {
+                self.handle_allocation_report(&agent_id, report)
             }
             Event::PeerMessages(messages) => {
                 for message in messages {
@@ -477,6 +520,10 @@ impl Coordinator {
         if self.ticks.is_multiple_of(10) {
             self.peers.broadcast_status(self.replica.applied());
         }
+        // Retries in backoff become due with time alone, so the scheduler also runs on ticks.
+        if self.ticks.is_multiple_of(5) {
+            self.schedule_pass();
+        }
         if !self.replica.is_leader() {
             return Ok(());
         }
@@ -516,6 +563,140 @@ impl Coordinator {
         Ok(())
     }
 
+    fn handle_allocation_report(&mut self, agent_id: &str, report: gantry_protocol::AllocationStateReport) {
+        if !self.replica.is_leader() {
+            return;
+        }
+        let known = self.state().allocations.get(&report.allocation_id).cloned();
+        let Some(allocation) = known.filter(|a| a.agent_id == agent_id) else {
+            // Nothing here wants it: make sure it does not run.
+            if report.phase == gantry_protocol::AllocationPhase::Running {
+                self.send_stop(agent_id, &report.allocation_id, report.fencing);
+            }
+            return;
+        };
+        let fencing = gantry_protocol::FencingToken { term: allocation.fencing_term, index: allocation.fencing_index };
+        if report.fencing != fencing {
+            tracing::warn!(allocation = %report.allocation_id, "ignoring a report with a stale fencing token");
+            return;
+        }
+        if allocation.is_final() {
+            if report.phase == gantry_protocol::AllocationPhase::Running {
+                self.send_stop(agent_id, &report.allocation_id, report.fencing);
+            }
+            return;
+        }
+        if allocation.phase != report.phase {
+            let op = Op::AllocationUpdate { allocation_id: report.allocation_id, phase: report.phase };
+            self.propose(format!("agent:{agent_id}"), op, None);
+        }
+    }
+
+    fn send_stop(&self, agent_id: &str, allocation_id: &str, fencing: gantry_protocol::FencingToken) {
+        if let Some(session) = self.sessions.get(agent_id) {
+            let stop = gantry_protocol::Stop {
+                allocation_id: allocation_id.to_string(),
+                fencing,
+                grace_period_ms: STOP_GRACE.as_millis() as u64,
+            };
+            let _ = session.outbox.try_send(CoordinatorMessage::Stop(stop));
+        }
+    }
+
+    /// Sends agents the assignments and stops they have not had in their current session.
+    fn dispatch(&mut self) {
+        let mut sent_assign = Vec::new();
+        let mut sent_stop = Vec::new();
+        for allocation in self.state().allocations.values() {
+            if allocation.is_final() {
+                continue;
+            }
+            let Some(session) = self.sessions.get(&allocation.agent_id) else { continue };
+            let fencing = gantry_protocol::FencingToken { term: allocation.fencing_term, index: allocation.fencing_index };
+            if allocation.stop_requested {
+                if !self.stopped.contains(&allocation.id) {
+                    let stop = gantry_protocol::Stop {
+                        allocation_id: allocation.id.clone(),
+                        fencing,
+                        grace_period_ms: STOP_GRACE.as_millis() as u64,
+                    };
+                    if session.outbox.try_send(CoordinatorMessage::Stop(stop)).is_ok() {
+                        sent_stop.push(allocation.id.clone());
+                    }
+                }
+            } else if !self.assigned.contains(&allocation.id) {
+                let Some(job) = self.state().jobs.get(&allocation.job_id) else { continue };
+                let assign = gantry_protocol::Assign {
+                    allocation_id: allocation.id.clone(),
+                    fencing,
+                    job_id: allocation.job_id.clone(),
+                    node: allocation.node.clone(),
+                    spec_json: job.spec_json.clone(),
+                    env: allocation.env.clone(),
+                    gpus: allocation.gpus.clone(),
+                };
+                if session.outbox.try_send(CoordinatorMessage::Assign(assign)).is_ok() {
+                    sent_assign.push(allocation.id.clone());
+                }
+            }
+        }
+        self.assigned.extend(sent_assign);
+        self.stopped.extend(sent_stop);
+        let allocations = &self.replica.machine().allocations;
+        self.assigned.retain(|id| allocations.get(id).is_some_and(|a| !a.is_final()));
+        self.stopped.retain(|id| allocations.get(id).is_some_and(|a| !a.is_final()));
+    }
+
+    /// One scheduling pass: the pure scheduler's decisions, proposed as one Raft entry.
+    fn schedule_pass(&mut self) {
+        if !self.replica.is_leader() {
+            return;
+        }
+        if let Some((_, since)) = self.place_in_flight {
+            if since.elapsed() < REQUEST_TIMEOUT {
+                return;
+            }
+            self.place_in_flight = None;
+        }
+        let queue = self.state().queue(unix_ms());
+        if queue.is_empty() {
+            return;
+        }
+        let view = self.state().cluster_view();
+        let decisions = scheduler::schedule(&view, &queue, &scheduler::Policy::default());
+        if decisions.placements.is_empty() && decisions.preemptions.is_empty() {
+            return;
+        }
+        let placements = decisions
+            .placements
+            .into_iter()
+            .map(|p| gantry_protocol::replicated::PlacementEntry {
+                job_id: p.job_id,
+                unit: p.unit,
+                agent_id: p.node.agent_id,
+                node: p.node.node,
+                gpus: p.gpus,
+                cpu_millis: p.cpu_millis,
+                memory_bytes: p.memory_bytes,
+            })
+            .collect();
+        let op = Op::Place { term: self.replica.term(), placements, preemptions: decisions.preemptions };
+        let request_id = self.request_id();
+        let actor = format!("scheduler:{}", self.replica.id());
+        let command = Command { request_id, at_unix_ms: unix_ms(), actor, op };
+        if self.replica.propose(replicated::encode(&command)).is_ok() {
+            self.place_in_flight = Some((request_id, Instant::now()));
+        }
+    }
+
+    /// What the scheduler says now of `job_id`'s units that it cannot place.
+    fn explain(&self, job_id: &str) -> Vec<scheduler::Unplaced> {
+        let queue = self.state().queue(unix_ms());
+        let view = self.state().cluster_view();
+        let decisions = scheduler::schedule(&view, &queue, &scheduler::Policy::default());
+        decisions.unplaced.into_iter().filter(|u| u.job_id == job_id).collect()
+    }
+
     fn handle_leadership(&mut self, leader: Option<u64>) {
         tracing::info!(leader = ?leader, term = self.replica.term(), "leadership changed");
         // Whatever this node proposed may never commit now; clients retry by idempotency key.
@@ -544,6 +725,7 @@ impl Coordinator {
     }
 
     fn handle_ready(&mut self) -> Result<()> {
+        let mut applied_any = false;
         while self.replica.has_ready() {
             let peers = &mut self.peers;
             let mut early_failed = Vec::new();
@@ -560,7 +742,11 @@ impl Coordinator {
             if let Some(leader) = output.leader_changed {
                 self.handle_leadership(leader);
             }
+            applied_any |= !output.applied.is_empty();
             for (_, request_id, outcome) in output.applied {
+                if request_id.is_some() && request_id == self.place_in_flight.map(|(id, _)| id) {
+                    self.place_in_flight = None;
+                }
                 if let Some(pending) = request_id.and_then(|id| self.pending.remove(&id)) {
                     let _ = pending.reply.send(Ok(outcome));
                 }
@@ -584,6 +770,12 @@ impl Coordinator {
         for id in answerable {
             let read = self.reads.remove(&id).expect("listed above");
             let _ = read.reply.send(Ok(self.answer(&read.query)));
+        }
+        if self.replica.is_leader() && applied_any {
+            self.schedule_pass();
+        }
+        if self.replica.is_leader() {
+            self.dispatch();
         }
         if self.state().members != self.members_seen {
             self.members_seen = self.state().members.clone();
@@ -845,6 +1037,9 @@ pub async fn run_with(
         peer_applied: BTreeMap::new(),
         members_seen: BTreeMap::new(),
         ticks: 0,
+        place_in_flight: None,
+        assigned: BTreeSet::new(),
+        stopped: BTreeSet::new(),
     };
     drop(events_tx);
     if bootstrap {

@@ -176,9 +176,12 @@ pub struct Assign {
     pub fencing: FencingToken,
     pub job_id: String,
     pub node: String,
-    /// The unit's spec, encoded by the coordinator's job model (JSON), opaque here.
+    /// The job's spec: the canonical JSON of a `jobspec::JobSpec`.
     pub spec_json: String,
+    /// What Gantry adds to the job's env for this unit (RANK, SHARD_INDEX, PORT, ...).
     pub env: BTreeMap<String, String>,
+    /// GPU indexes on the node given to this unit.
+    pub gpus: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,6 +447,7 @@ mod tests {
             node: "local".into(),
             spec_json: "{}".into(),
             env: BTreeMap::from([("RANK".into(), "0".into())]),
+            gpus: vec![0, 3],
         }));
         round_trip(CoordinatorMessage::Stop(Stop {
             allocation_id: "a-1".into(),

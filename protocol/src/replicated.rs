@@ -42,6 +42,36 @@ pub enum Op {
     AgentUp {
         agent_id: String,
     },
+    /// The scheduler's decisions of one pass. Each placement is checked again on apply against
+    /// the state as it is then; what no longer fits is skipped and placed in a later pass.
+    Place {
+        /// The proposing leader's term: with the entry's index, the fencing token.
+        term: u64,
+        placements: Vec<PlacementEntry>,
+        /// Allocations to stop so that higher-priority work fits; their units are requeued.
+        preemptions: Vec<String>,
+    },
+    /// An agent reported an allocation's state.
+    AllocationUpdate {
+        allocation_id: String,
+        phase: crate::AllocationPhase,
+    },
+    /// A team's GPU quota; `None` removes the limit.
+    SetQuota {
+        team: String,
+        gpus: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementEntry {
+    pub job_id: String,
+    pub unit: u32,
+    pub agent_id: String,
+    pub node: String,
+    pub gpus: Vec<u32>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
 }
 
 /// The context of a membership change in the log: who the member is, and who asked.

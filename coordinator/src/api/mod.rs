@@ -5,7 +5,7 @@
 pub mod openapi;
 pub mod types;
 
-use crate::core::state::{Job, Outcome};
+use crate::core::state::Outcome;
 use crate::data_dir::ClusterFiles;
 use crate::server::{Answer, Event, Handle, Query, Unavailable};
 use axum::body::Bytes;
@@ -121,6 +121,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/tokens", post(create_token))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/explain", get(explain_job))
+        .route("/v1/quotas", get(list_quotas))
+        .route("/v1/quotas/{team}", axum::routing::put(set_quota))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -269,15 +272,35 @@ async fn write(
     }
 }
 
-fn job_view(job: &Job) -> JobView {
-    let spec: serde_json::Value =
-        serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
-    let text = |key: &str| {
-        spec.get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
+    let spec: serde_json::Value = serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
+    let text = |key: &str| spec.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let total = serde_json::from_str::<JobSpec>(&job.spec_json).map(|s| s.units()).unwrap_or(0);
+    let allocations = allocations
+        .iter()
+        .map(|a| {
+            let (exit_code, reason) = match &a.phase {
+                gantry_protocol::AllocationPhase::Failed { exit_code, reason } => (*exit_code, Some(reason.clone())),
+                gantry_protocol::AllocationPhase::Lost { reason } => (None, Some(reason.clone())),
+                gantry_protocol::AllocationPhase::Succeeded => (Some(0), None),
+                _ => (None, None),
+            };
+            AllocationView {
+                id: a.id.clone(),
+                unit: a.unit,
+                attempt: a.attempt,
+                agent: a.agent_id.clone(),
+                node: a.node.clone(),
+                state: a.state_name().into(),
+                exit_code,
+                reason,
+                gpus: a.gpus.clone(),
+                port: a.port,
+                restarts: job.retries.get(&a.unit).copied().unwrap_or(0).max(job.restarts),
+                stop_requested: a.stop_requested,
+            }
+        })
+        .collect();
     JobView {
         id: job.id.clone(),
         name: text("name"),
@@ -288,6 +311,10 @@ fn job_view(job: &Job) -> JobView {
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
         idempotency_key: job.idempotency_key.clone(),
+        progress: Progress { succeeded: job.succeeded_units.len() as u32, total },
+        restarts: job.restarts,
+        failure: job.failure.clone(),
+        allocations,
         spec,
     }
 }
@@ -552,4 +579,57 @@ async fn create_token(
             expires_at_unix_s,
         }),
     ))
+}
+
+async fn explain_job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<ExplainView>, ApiError> {
+    match read(&state, Query::Explain(id.clone()), &params).await? {
+        Answer::Explain(Some(job), unplaced) => Ok(Json(ExplainView {
+            job: job.id,
+            state: job.state.as_str().into(),
+            units: unplaced
+                .into_iter()
+                .map(|u| UnplacedView {
+                    unit: u.unit,
+                    reason: u.explanation.reason,
+                    nodes_total: u.explanation.nodes_total,
+                    filtered: u.explanation.filtered.into_iter().map(|(filter, nodes)| FilterCount { filter, nodes }).collect(),
+                    candidates: u
+                        .explanation
+                        .candidates
+                        .into_iter()
+                        .map(|(node, score)| CandidateView { node: format!("{}/{}", node.agent_id, node.node), score })
+                        .collect(),
+                })
+                .collect(),
+        })),
+        Answer::Explain(None, _) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))),
+        _ => unreachable!("an explain query answers an explanation"),
+    }
+}
+
+async fn list_quotas(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<std::collections::BTreeMap<String, u32>>, ApiError> {
+    match read(&state, Query::Quotas, &params).await? {
+        Answer::Quotas(quotas) => Ok(Json(quotas)),
+        _ => unreachable!("a quotas query answers quotas"),
+    }
+}
+
+async fn set_quota(State(state): State<Arc<ApiState>>, Path(team): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let request: SetQuotaRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return ApiError::invalid_field("gpus", format!("expected {{\"gpus\": N}} or {{\"gpus\": null}}: {e}")).into_response(),
+    };
+    if team.is_empty() || team.len() > 63 || !team.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        return ApiError::invalid_field("team", "must be 1 to 63 lowercase letters, digits or '-'").into_response();
+    }
+    let path = format!("/v1/quotas/{team}");
+    let op = Op::SetQuota { team: team.clone(), gpus: request.gpus };
+    write(&state, op, (Method::PUT, &path, &headers, body), |_| Json(serde_json::json!({ "team": team, "gpus": request.gpus })).into_response()).await
 }

@@ -111,6 +111,79 @@ pub struct JobView {
     pub updated_at_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Units done out of the job's units (batch shards, training workers).
+    pub progress: Progress,
+    /// Times the training gang was placed again.
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Every allocation the job has had, oldest first per unit.
+    pub allocations: Vec<AllocationView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub succeeded: u32,
+    pub total: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllocationView {
+    pub id: String,
+    /// Rank, shard index or replica index.
+    pub unit: u32,
+    pub attempt: u32,
+    /// The agent id, as `gantry nodes` shows it.
+    pub agent: String,
+    pub node: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `lost`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub gpus: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Retries of this unit so far (batch shards, serving replicas), or the gang's restarts.
+    pub restarts: u32,
+    pub stop_requested: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExplainView {
+    pub job: String,
+    pub state: String,
+    /// One entry per unit the scheduler cannot place now; empty when nothing is waiting.
+    pub units: Vec<UnplacedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnplacedView {
+    pub unit: u32,
+    pub reason: String,
+    pub nodes_total: usize,
+    /// Filter name to the number of nodes it removed, in the order the filters run.
+    pub filtered: Vec<FilterCount>,
+    pub candidates: Vec<CandidateView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilterCount {
+    pub filter: String,
+    pub nodes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateView {
+    pub node: String,
+    pub score: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuotaRequest {
+    /// GPUs the team may hold at once; `null` removes the limit.
+    pub gpus: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

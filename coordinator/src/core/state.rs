@@ -7,12 +7,12 @@
 use gantry_protocol::replicated::{Command, MemberChange, Op};
 use gantry_protocol::Register;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Audit records kept in the state; older ones are dropped first.
 pub const AUDIT_LEN_MAX: usize = 10_000;
 /// Bumped whenever the snapshot encoding changes; an unknown version refuses to restore.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -73,6 +73,16 @@ pub struct Job {
     pub updated_at_unix_ms: u64,
     /// The log index of the submission: a total order of submissions.
     pub index: u64,
+    /// Times a training gang was stopped and placed again after a worker failed or was lost.
+    pub restarts: u32,
+    /// Failed attempts per batch shard (or serving replica).
+    pub retries: BTreeMap<u32, u32>,
+    /// Units that finished successfully (batch shards, training workers).
+    pub succeeded_units: BTreeSet<u32>,
+    /// Attempts started per unit; the next allocation of a unit is `JOB-UNIT-ATTEMPT`.
+    pub attempts: BTreeMap<u32, u32>,
+    /// Why the job failed, when it did.
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +119,11 @@ pub enum Outcome {
         key: String,
         job_id: String,
     },
+    Placed {
+        placed: usize,
+        rejected: usize,
+    },
+    QuotaSet,
     MemberAdded {
         node_id: u64,
     },
@@ -130,6 +145,9 @@ pub struct State {
     pub members: BTreeMap<u64, Member>,
     pub agents: BTreeMap<String, AgentRecord>,
     pub jobs: BTreeMap<String, Job>,
+    pub allocations: BTreeMap<String, crate::core::allocations::Allocation>,
+    /// GPUs each team may hold at once.
+    pub quotas: BTreeMap<String, u32>,
     idempotency: BTreeMap<String, IdempotencyRecord>,
     pub audit: VecDeque<AuditRecord>,
     /// The index of the last applied entry.
@@ -204,6 +222,11 @@ impl State {
                         submitted_at_unix_ms: at,
                         updated_at_unix_ms: at,
                         index,
+                        restarts: 0,
+                        retries: BTreeMap::new(),
+                        succeeded_units: BTreeSet::new(),
+                        attempts: BTreeMap::new(),
+                        failure: None,
                     },
                 );
                 if let Some(key) = idempotency_key {
@@ -235,6 +258,7 @@ impl State {
                 }
                 job.state = JobState::Cancelled;
                 job.updated_at_unix_ms = at;
+                self.stop_job_allocations(job_id, at);
                 self.audit(index, at, actor, format!("cancel job {job_id}"));
                 Outcome::JobCancelled {
                     job_id: job_id.clone(),
@@ -272,7 +296,29 @@ impl State {
                 agent.since_unix_ms = at;
                 let action = if up { "up" } else { "down" };
                 self.audit(index, at, actor, format!("agent {agent_id} {action}"));
+                if !up {
+                    self.agent_lost(agent_id, at);
+                }
                 Outcome::AgentRecorded
+            }
+            Op::Place { term, placements, preemptions } => {
+                let (placed, rejected) = self.apply_place(index, *term, at, placements, preemptions);
+                if placed > 0 {
+                    self.audit(index, at, actor, format!("placed {placed} unit(s), {rejected} no longer fit"));
+                }
+                Outcome::Placed { placed, rejected }
+            }
+            Op::AllocationUpdate { allocation_id, phase } => {
+                self.apply_allocation_update(allocation_id, phase, at);
+                Outcome::AgentRecorded
+            }
+            Op::SetQuota { team, gpus } => {
+                match gpus {
+                    Some(gpus) => self.quotas.insert(team.clone(), *gpus),
+                    None => self.quotas.remove(team),
+                };
+                self.audit(index, at, actor, format!("quota of team {team}: {gpus:?} GPUs"));
+                Outcome::QuotaSet
             }
         }
     }

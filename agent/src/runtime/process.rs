@@ -1,0 +1,1452 @@
+//! The process runtime: runs each unit as a plain child process of the agent, in its own process
+//! group, with a minimal environment, a working directory per allocation and bounded logs.
+//!
+//! Architecture invariant: nothing it starts outlives the agent. A unit's group is stopped on
+//! `stop` and `shutdown`, is killed when the unit's main process exits by itself, and the main
+//! process is SIGKILLed by the kernel (`PR_SET_PDEATHSIG`) if the agent dies abruptly.
+//!
+//! Deliberately absent: isolation and limits (`cpu_millis` and `memory_bytes` are not enforced:
+//! no cgroups, no namespaces), and any state across agent restarts (see
+//! [`previous_allocations`]). Processes that leave the unit's process group (`setsid`, a double
+//! fork into a new group) escape `stop`, and processes the unit starts do not inherit
+//! PDEATHSIG (the kernel clears it on fork), so when the agent is SIGKILLed only the unit's main
+//! process is guaranteed to die; its children are then orphans. Containing those needs a cgroup
+//! per unit, which is out of scope for this runtime.
+//!
+//! Environment policy: a unit sees exactly the agent's `PATH` (a default when unset), `HOME`,
+//! `USER`, `LOGNAME`, `LANG`, `LC_ALL`, `TZ` and `TMPDIR` where set; then the unit's own env;
+//! then, overriding the unit's env, `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES` (the
+//! assigned GPUs, comma-separated, by UUID where known, else by index; empty when no GPU is
+//! assigned), `GANTRY_ALLOCATION_ID` and `GANTRY_JOB_ID`. Nothing else of the agent's environment
+//! is passed on, in particular no `GANTRY_*` variable (the join token may be one).
+//!
+//! Log policy: stdout and stderr go to `stdout.log` and `stderr.log` in the allocation's
+//! directory. When a file reaches `log_bytes_max` it is renamed to `<name>.1` (replacing the
+//! previous `.1`) and a new file is started, so each stream holds at most `2 * log_bytes_max`
+//! bytes on disk and always its newest `log_bytes_max` bytes (all of it when it wrote less).
+
+use super::{
+    BoxFuture, Exit, GpuAssignment, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, UnitSpec,
+};
+use gantry_protocol::RuntimeKind;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, SeekFrom};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::task::JoinHandle;
+
+/// The agent variables a unit inherits; everything else of the agent's environment is withheld.
+/// None may start with `GANTRY_` (the agent's join token can be one).
+const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
+/// `PATH` for units when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub const STDOUT_LOG: &str = "stdout.log";
+pub const STDERR_LOG: &str = "stderr.log";
+/// Appended to a log's name for the one older file kept.
+const ROTATED_SUFFIX: &str = ".1";
+
+/// Longest allocation id accepted (it names a directory; 255 bytes is the usual file-name limit).
+const ALLOCATION_ID_BYTES_MAX: usize = 255;
+
+/// The reason a restarted agent gives for units listed by [`previous_allocations`].
+pub const RESTART_LOST_REASON: &str =
+    "the agent restarted; the process runtime keeps no work across restarts";
+
+/// After a unit's main process exits, how long its output is still drained (from members of its
+/// group already killed, or from processes that escaped the group and hold the pipes).
+const LOG_DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// How long `stop` waits for a unit to be reaped after SIGKILL before giving up with a warning
+/// (only a process stuck in the kernel takes longer).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+const LOG_READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Runs units as child processes. See the module documentation for the policies.
+///
+/// Children are forked by one dedicated spawner thread that lives exactly as long as this
+/// runtime. `PR_SET_PDEATHSIG` fires when the *thread* that forked a child exits, not the
+/// process, so spawning from tokio's blocking pool (whose threads exit when idle) would kill units
+/// at random; the dedicated thread only exits when the runtime is dropped, and then killing the
+/// units is what we want. Dropping the runtime without [`Runtime::shutdown`] kills its units'
+/// groups without grace (they are reported `Stopped`).
+pub struct ProcessRuntime {
+    inner: Arc<Inner>,
+    /// The spawner thread's queue, or why the thread could not be created. Not in `Inner`, which
+    /// unit monitors keep alive: the thread must end with the runtime.
+    spawner: Result<std::sync::mpsc::Sender<SpawnJob>, String>,
+}
+
+/// What the runtime shares with the monitor task of each unit.
+struct Inner {
+    config: RuntimeConfig,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    /// Units started and not yet reported exited. Held across a start, so starts are serialised
+    /// and `stop`, `running` and `shutdown` never see a half-started unit.
+    units: Mutex<BTreeMap<String, UnitHandle>>,
+    shutting_down: AtomicBool,
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// What `stop` needs of a running unit; its monitor task owns the rest.
+#[derive(Clone)]
+struct UnitHandle {
+    control: mpsc::UnboundedSender<Control>,
+    /// Becomes true once the unit's exit has been reported (or its monitor is gone).
+    exited: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Terminate,
+    Kill,
+}
+
+impl Control {
+    fn signal(self) -> libc::c_int {
+        match self {
+            Control::Terminate => libc::SIGTERM,
+            Control::Kill => libc::SIGKILL,
+        }
+    }
+}
+
+impl ProcessRuntime {
+    /// Events go to `events`, which is unbounded: the runtime never waits on the agent.
+    pub fn new(config: RuntimeConfig, events: mpsc::UnboundedSender<RuntimeEvent>) -> Self {
+        let spawner = start_spawner_thread().map_err(|e| {
+            tracing::error!("cannot create the process runtime's spawner thread: {e}");
+            format!("the spawner thread could not be created: {e}")
+        });
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                events,
+                units: Mutex::new(BTreeMap::new()),
+                shutting_down: AtomicBool::new(false),
+            }),
+            spawner,
+        }
+    }
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        // The lock is only ever held briefly (no start can run: it borrows the runtime). Should
+        // it be held anyway, the spawner thread's end still SIGKILLs every unit's main process
+        // and its monitor then kills the rest of its group.
+        if let Ok(units) = self.inner.units.try_lock() {
+            for handle in units.values() {
+                let _ = handle.control.send(Control::Kill);
+            }
+        }
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn start(&self, unit: UnitSpec) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(start_unit(&self.inner, &self.spawner, unit))
+    }
+
+    fn stop(&self, allocation_id: &str, grace: Duration) -> BoxFuture<'_, ()> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            let handle = self.inner.units.lock().await.get(&allocation_id).cloned();
+            if let Some(handle) = handle {
+                stop_units(vec![(allocation_id, handle)], grace).await;
+            }
+        })
+    }
+
+    /// Sorted. A unit is listed until its `Exited` event is sent.
+    fn running(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move { self.inner.units.lock().await.keys().cloned().collect() })
+    }
+
+    fn logs(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        bytes: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            read_logs(&self.inner.config.work_root, &allocation_id, stderr, bytes).await
+        })
+    }
+
+    fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let handles: Vec<_> = {
+                let units = self.inner.units.lock().await;
+                // Under the lock: no start can slip in between the flag and the snapshot.
+                self.inner.shutting_down.store(true, Ordering::SeqCst);
+                units
+                    .iter()
+                    .map(|(id, handle)| (id.clone(), handle.clone()))
+                    .collect()
+            };
+            if !handles.is_empty() {
+                tracing::info!(
+                    n_units = handles.len(),
+                    "stopping every unit of the process runtime"
+                );
+            }
+            stop_units(handles, grace).await;
+        })
+    }
+}
+
+/// Allocation directories under `work_root` left by an earlier run of the agent, sorted. The
+/// process runtime keeps nothing across restarts (those units died with the agent), so the agent
+/// reports each as `Exit::Lost(RESTART_LOST_REASON)`; their logs stay on disk. Call it before
+/// starting any unit. Directories of units that had already ended before the restart are listed
+/// too: the runtime cannot tell them apart, and a report about a finished allocation is moot.
+pub fn previous_allocations(work_root: &Path) -> Vec<String> {
+    let entries = match std::fs::read_dir(work_root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(work_root = %work_root.display(), "cannot list allocation directories: {e}");
+            return Vec::new();
+        }
+    };
+    let mut allocation_ids: Vec<String> = entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| is_safe_allocation_id(name))
+        .collect();
+    allocation_ids.sort();
+    allocation_ids
+}
+
+/// Allocation ids name directories: only `[A-Za-z0-9._-]`, never `.` or `..`.
+fn is_safe_allocation_id(allocation_id: &str) -> bool {
+    !allocation_id.is_empty()
+        && allocation_id.len() <= ALLOCATION_ID_BYTES_MAX
+        && allocation_id != "."
+        && allocation_id != ".."
+        && allocation_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn start_error(allocation_id: &str, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Start {
+        allocation_id: allocation_id.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Refusals that depend on the spec alone.
+fn check_unit(unit: &UnitSpec) -> Result<(), RuntimeError> {
+    if let Some(image) = &unit.image {
+        return Err(RuntimeError::Unsupported {
+            runtime: "process",
+            reason: format!("it runs commands on the host and cannot run the image {image:?}"),
+        });
+    }
+    if unit.command.is_empty() {
+        return Err(RuntimeError::Unsupported {
+            runtime: "process",
+            reason: "the unit has no command (the process runtime has no image to take one from)"
+                .into(),
+        });
+    }
+    if !is_safe_allocation_id(&unit.allocation_id) {
+        return Err(start_error(
+            &unit.allocation_id,
+            format!(
+                "the allocation id must be 1 to {ALLOCATION_ID_BYTES_MAX} characters of [A-Za-z0-9._-], not . or .. (it names the working directory)"
+            ),
+        ));
+    }
+    for (name, value) in &unit.env {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(start_error(
+                &unit.allocation_id,
+                format!("invalid environment variable {name:?}: names must be non-empty without '=' or NUL, values without NUL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The unit's environment, from the agent's (`agent_env`) and the unit's. See the module
+/// documentation for the policy.
+fn unit_env(
+    unit: &UnitSpec,
+    agent_env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> BTreeMap<OsString, OsString> {
+    debug_assert!(INHERITED_ENV
+        .iter()
+        .all(|name| !name.starts_with("GANTRY_")));
+    let mut env: BTreeMap<OsString, OsString> = agent_env
+        .into_iter()
+        .filter(|(name, _)| INHERITED_ENV.iter().any(|kept| OsStr::new(kept) == name))
+        .collect();
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
+    env.extend(
+        unit.env
+            .iter()
+            .map(|(name, value)| (name.into(), value.into())),
+    );
+    let visible_devices = visible_devices(&unit.gpus);
+    env.insert(
+        "CUDA_VISIBLE_DEVICES".into(),
+        visible_devices.clone().into(),
+    );
+    env.insert("NVIDIA_VISIBLE_DEVICES".into(), visible_devices.into());
+    env.insert(
+        "GANTRY_ALLOCATION_ID".into(),
+        unit.allocation_id.clone().into(),
+    );
+    env.insert("GANTRY_JOB_ID".into(), unit.job_id.clone().into());
+    env
+}
+
+/// `GPU-uuid-a,1`: UUIDs where known (they survive index reordering), else indexes.
+fn visible_devices(gpus: &[GpuAssignment]) -> String {
+    gpus.iter()
+        .map(|gpu| gpu.uuid.clone().unwrap_or_else(|| gpu.index.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn build_command(
+    unit: &UnitSpec,
+    work_dir: &Path,
+    env: BTreeMap<OsString, OsString>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(&unit.command[0]);
+    command
+        .args(&unit.command[1..])
+        .env_clear()
+        .envs(env)
+        .current_dir(work_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so `stop` reaches what the unit starts, and a terminal's signals
+        // (Ctrl-C on a foreground agent) do not reach the unit directly: the agent stops it.
+        .process_group(0);
+    let agent_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid); it neither allocates nor takes locks.
+    unsafe {
+        command.pre_exec(move || die_with_agent(agent_pid));
+    }
+    command
+}
+
+/// In the child before exec: have the kernel SIGKILL it when its parent thread (the spawner
+/// thread, see [`ProcessRuntime`]) dies.
+#[cfg(target_os = "linux")]
+fn die_with_agent(agent_pid: libc::pid_t) -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // The agent may have died between fork and prctl; then the signal never comes.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != agent_pid {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// Only Linux has PDEATHSIG: elsewhere units survive an abrupt end of the agent.
+#[cfg(not(target_os = "linux"))]
+fn die_with_agent(_agent_pid: libc::pid_t) -> io::Result<()> {
+    Ok(())
+}
+
+fn start_spawner_thread() -> io::Result<std::sync::mpsc::Sender<SpawnJob>> {
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SpawnJob>();
+    std::thread::Builder::new()
+        .name("gantry-spawner".into())
+        .spawn(move || {
+            // Ends when the runtime is dropped (the queue closes); the kernel then SIGKILLs the
+            // main process of every unit this thread forked.
+            while let Ok(job) = jobs_rx.recv() {
+                // This thread must not die while it has children: a panic fails one start only.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("spawning a unit panicked");
+                }
+            }
+        })?;
+    Ok(jobs_tx)
+}
+
+/// Forks `command` on the spawner thread, registered with the caller's tokio runtime.
+async fn spawn_on_spawner_thread(
+    spawner: &Result<std::sync::mpsc::Sender<SpawnJob>, String>,
+    mut command: tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    let spawner = spawner
+        .as_ref()
+        .map_err(|reason| io::Error::other(reason.clone()))?;
+    let tokio_handle = tokio::runtime::Handle::current();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    spawner
+        .send(Box::new(move || {
+            let _runtime = tokio_handle.enter();
+            if let Err(Ok(child)) = reply_tx.send(command.spawn()) {
+                // The start was cancelled while the child was forked: nobody would watch it.
+                if let Some(pid) = child.id() {
+                    ProcessGroup {
+                        pgid: pid as libc::pid_t,
+                        armed: true,
+                    }
+                    .signal(libc::SIGKILL);
+                }
+            }
+        }))
+        .map_err(|_| io::Error::other("the spawner thread has exited"))?;
+    reply_rx
+        .await
+        .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
+}
+
+async fn start_unit(
+    inner: &Arc<Inner>,
+    spawner: &Result<std::sync::mpsc::Sender<SpawnJob>, String>,
+    unit: UnitSpec,
+) -> Result<(), RuntimeError> {
+    check_unit(&unit)?;
+    let allocation_id = unit.allocation_id.clone();
+    let mut units = inner.units.lock().await;
+    if inner.shutting_down.load(Ordering::SeqCst) {
+        return Err(start_error(
+            &allocation_id,
+            "the process runtime is shutting down",
+        ));
+    }
+    if units.contains_key(&allocation_id) {
+        tracing::debug!(allocation = %allocation_id, "already running; start ignored");
+        return Ok(());
+    }
+
+    let work_dir = inner.config.work_root.join(&allocation_id);
+    tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
+        start_error(
+            &allocation_id,
+            format!("create the working directory {}: {e}", work_dir.display()),
+        )
+    })?;
+    let log_bytes_max = inner.config.log_bytes_max;
+    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max)
+        .await
+        .map_err(|e| start_error(&allocation_id, format!("open {STDOUT_LOG}: {e}")))?;
+    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max)
+        .await
+        .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
+
+    let command = build_command(&unit, &work_dir, unit_env(&unit, std::env::vars_os()));
+    let mut child = spawn_on_spawner_thread(spawner, command)
+        .await
+        .map_err(|e| start_error(&allocation_id, format!("run {:?}: {e}", unit.command[0])))?;
+    let pid = child
+        .id()
+        .expect("a child just spawned has not been reaped");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    tracing::info!(allocation = %allocation_id, job = %unit.job_id, pid, "unit started");
+
+    let log_copiers = [
+        tokio::spawn(copy_output(stdout, stdout_log, allocation_id.clone())),
+        tokio::spawn(copy_output(stderr, stderr_log, allocation_id.clone())),
+    ];
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (exited_tx, exited_rx) = watch::channel(false);
+    units.insert(
+        allocation_id.clone(),
+        UnitHandle {
+            control: control_tx,
+            exited: exited_rx,
+        },
+    );
+    // Before the monitor exists, so `Started` always precedes `Exited`.
+    let _ = inner.events.send(RuntimeEvent::Started {
+        allocation_id: allocation_id.clone(),
+    });
+    let group = ProcessGroup {
+        pgid: pid as libc::pid_t,
+        armed: true,
+    };
+    tokio::spawn(monitor(
+        Arc::clone(inner),
+        allocation_id,
+        child,
+        group,
+        control_rx,
+        exited_tx,
+        log_copiers,
+    ));
+    Ok(())
+}
+
+/// A unit's process group (its id is the main process's pid). Killed with SIGKILL if dropped
+/// while armed: a monitor dropped before the unit ended (the tokio runtime is shutting down)
+/// leaves nothing behind.
+struct ProcessGroup {
+    pgid: libc::pid_t,
+    armed: bool,
+}
+
+impl ProcessGroup {
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill takes plain integers. A negative pid addresses the whole group.
+        if unsafe { libc::kill(-self.pgid, signal) } != 0 {
+            let error = io::Error::last_os_error();
+            // ESRCH: the group is already empty.
+            if error.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(
+                    pgid = self.pgid,
+                    signal,
+                    "cannot signal the unit's process group: {error}"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if self.armed {
+            self.signal(libc::SIGKILL);
+        }
+    }
+}
+
+/// Owns a running unit: signals its group when asked, reaps it, kills what it left behind,
+/// drains its output and reports its exit exactly once.
+async fn monitor(
+    inner: Arc<Inner>,
+    allocation_id: String,
+    mut child: tokio::process::Child,
+    mut group: ProcessGroup,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    exited: watch::Sender<bool>,
+    log_copiers: [JoinHandle<()>; 2],
+) {
+    let mut stop_requested = false;
+    let status = {
+        let wait = child.wait();
+        tokio::pin!(wait);
+        loop {
+            // Biased towards the exit: a signal is only sent while `wait` has just found the
+            // main process unreaped, so its pid (the group id) cannot have been reused.
+            tokio::select! {
+                biased;
+                status = &mut wait => break status,
+                Some(request) = control.recv() => {
+                    stop_requested = true;
+                    group.signal(request.signal());
+                }
+            }
+        }
+    };
+    // The main process is gone; kill whatever it left running in its group. (The group id stays
+    // reserved while any member lives; if none does, this finds no one. Only a full wrap of the
+    // pid space within these few instructions could make it reach another group.)
+    group.signal(libc::SIGKILL);
+    group.armed = false;
+
+    let exit = match status {
+        Ok(status) => classify_exit(status, stop_requested),
+        Err(e) => {
+            tracing::warn!(allocation = %allocation_id, "waiting for the unit failed: {e}");
+            Exit::Lost(format!("waiting for the process failed: {e}"))
+        }
+    };
+    for mut copier in log_copiers {
+        if tokio::time::timeout(LOG_DRAIN_WAIT, &mut copier)
+            .await
+            .is_err()
+        {
+            tracing::warn!(allocation = %allocation_id, "a process outside the unit's group still holds its output; dropping the rest");
+            copier.abort();
+        }
+    }
+    tracing::info!(allocation = %allocation_id, ?exit, "unit ended");
+    {
+        let mut units = inner.units.lock().await;
+        units.remove(&allocation_id);
+        let _ = inner.events.send(RuntimeEvent::Exited {
+            allocation_id,
+            exit,
+        });
+    }
+    let _ = exited.send(true);
+}
+
+/// `Stopped` whenever Gantry signalled the unit before it was reaped, whatever it then did.
+fn classify_exit(status: ExitStatus, stop_requested: bool) -> Exit {
+    if stop_requested {
+        Exit::Stopped
+    } else if let Some(code) = status.code() {
+        Exit::Code(code)
+    } else if let Some(signal) = status.signal() {
+        Exit::Signal(signal)
+    } else {
+        Exit::Lost(format!("unrecognised wait status {status}"))
+    }
+}
+
+/// SIGTERM to every group, SIGKILL to those still there after `grace`; returns when all are
+/// reported exited (or, for a process stuck in the kernel, after [`KILL_WAIT`] more).
+async fn stop_units(handles: Vec<(String, UnitHandle)>, grace: Duration) {
+    for (_, handle) in &handles {
+        let _ = handle.control.send(Control::Terminate);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut lingering = Vec::new();
+    for (allocation_id, handle) in handles {
+        if tokio::time::timeout_at(deadline, wait_exited(&handle))
+            .await
+            .is_err()
+        {
+            tracing::info!(allocation = %allocation_id, ?grace, "unit still running after the grace; killing it");
+            let _ = handle.control.send(Control::Kill);
+            lingering.push((allocation_id, handle));
+        }
+    }
+    for (allocation_id, handle) in lingering {
+        if tokio::time::timeout(KILL_WAIT, wait_exited(&handle))
+            .await
+            .is_err()
+        {
+            tracing::warn!(allocation = %allocation_id, "unit not reaped {KILL_WAIT:?} after SIGKILL");
+        }
+    }
+}
+
+async fn wait_exited(handle: &UnitHandle) {
+    let mut exited = handle.exited.clone();
+    // An error means the monitor is gone, which also means the unit is.
+    let _ = exited.wait_for(|exited| *exited).await;
+}
+
+/// One output stream of a unit on disk, bounded by rotation (see the module documentation).
+struct BoundedLog {
+    path: PathBuf,
+    rotated_path: PathBuf,
+    file: tokio::fs::File,
+    len_bytes: u64,
+    log_bytes_max: u64,
+}
+
+impl BoundedLog {
+    /// Appends to what an earlier unit with the same allocation id left.
+    async fn open(dir: &Path, name: &str, log_bytes_max: u64) -> io::Result<Self> {
+        let path = dir.join(name);
+        let file = open_append(&path).await?;
+        let len_bytes = file.metadata().await?.len();
+        Ok(Self {
+            rotated_path: dir.join(format!("{name}{ROTATED_SUFFIX}")),
+            path,
+            file,
+            len_bytes,
+            log_bytes_max,
+        })
+    }
+
+    async fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if self.log_bytes_max == 0 {
+            return Ok(());
+        }
+        while !data.is_empty() {
+            if self.len_bytes >= self.log_bytes_max {
+                self.rotate().await?;
+            }
+            let room = (self.log_bytes_max - self.len_bytes).min(data.len() as u64) as usize;
+            self.file.write_all(&data[..room]).await?;
+            self.len_bytes += room as u64;
+            data = &data[room..];
+        }
+        // tokio's File writes in the background; make the bytes visible to `logs` now.
+        self.file.flush().await
+    }
+
+    async fn rotate(&mut self) -> io::Result<()> {
+        self.file.flush().await?;
+        tokio::fs::rename(&self.path, &self.rotated_path).await?;
+        self.file = open_append(&self.path).await?;
+        self.len_bytes = 0;
+        Ok(())
+    }
+}
+
+async fn open_append(path: &Path) -> io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+}
+
+/// Copies a unit's stream to its log until the stream closes. A failing disk never blocks the
+/// unit: the output is then read and dropped.
+async fn copy_output(mut pipe: impl AsyncRead + Unpin, mut log: BoundedLog, allocation_id: String) {
+    let mut buffer = vec![0; LOG_READ_CHUNK_BYTES];
+    let mut log_failed = false;
+    loop {
+        let n_bytes = match pipe.read(&mut buffer).await {
+            Ok(0) => return,
+            Ok(n_bytes) => n_bytes,
+            Err(e) => {
+                tracing::warn!(allocation = %allocation_id, "reading the unit's output failed: {e}");
+                return;
+            }
+        };
+        if log_failed {
+            continue;
+        }
+        if let Err(e) = log.write(&buffer[..n_bytes]).await {
+            tracing::warn!(allocation = %allocation_id, log = %log.path.display(), "writing the unit's output failed; dropping the rest: {e}");
+            log_failed = true;
+        }
+    }
+}
+
+/// The newest `bytes` of a stream: the end of `<name>.1` followed by `<name>`. A read that races
+/// a rotation may miss or repeat what was rotated at that moment.
+async fn read_logs(
+    work_root: &Path,
+    allocation_id: &str,
+    stderr: bool,
+    bytes: u64,
+) -> Result<Vec<u8>, RuntimeError> {
+    if !is_safe_allocation_id(allocation_id) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{allocation_id:?} is not an allocation id"),
+        )
+        .into());
+    }
+    let dir = work_root.join(allocation_id);
+    if !tokio::fs::metadata(&dir)
+        .await
+        .is_ok_and(|meta| meta.is_dir())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no logs for allocation {allocation_id}"),
+        )
+        .into());
+    }
+    let name = if stderr { STDERR_LOG } else { STDOUT_LOG };
+    let newest = read_tail(&dir.join(name), bytes).await?;
+    let wanted_older_bytes = bytes - newest.len() as u64;
+    if wanted_older_bytes == 0 {
+        return Ok(newest);
+    }
+    let mut output = read_tail(
+        &dir.join(format!("{name}{ROTATED_SUFFIX}")),
+        wanted_older_bytes,
+    )
+    .await?;
+    output.extend_from_slice(&newest);
+    Ok(output)
+}
+
+/// The last `bytes` of a file; nothing when it does not exist.
+async fn read_tail(path: &Path, bytes: u64) -> io::Result<Vec<u8>> {
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len_bytes = file.metadata().await?.len();
+    let start = len_bytes.saturating_sub(bytes);
+    file.seek(SeekFrom::Start(start)).await?;
+    let n_bytes = len_bytes - start;
+    let mut output = Vec::with_capacity(n_bytes as usize);
+    file.take(n_bytes).read_to_end(&mut output).await?;
+    Ok(output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Every wait in these tests is bounded by this (or less).
+    const EVENT_WAIT: Duration = Duration::from_secs(20);
+    const LOG_BYTES_MAX: u64 = 64 * 1024;
+
+    struct Harness {
+        runtime: ProcessRuntime,
+        events: mpsc::UnboundedReceiver<RuntimeEvent>,
+        work_root: PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    fn harness(log_bytes_max: u64) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let work_root = dir.path().join("work");
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let runtime = ProcessRuntime::new(
+            RuntimeConfig {
+                work_root: work_root.clone(),
+                log_bytes_max,
+            },
+            events_tx,
+        );
+        Harness {
+            runtime,
+            events,
+            work_root,
+            dir,
+        }
+    }
+
+    fn unit(allocation_id: &str, command: &[&str]) -> UnitSpec {
+        UnitSpec {
+            allocation_id: allocation_id.into(),
+            job_id: "job-1".into(),
+            image: None,
+            command: command.iter().map(|arg| arg.to_string()).collect(),
+            env: BTreeMap::new(),
+            gpus: Vec::new(),
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+        }
+    }
+
+    fn sh(allocation_id: &str, script: &str) -> UnitSpec {
+        unit(allocation_id, &["/bin/sh", "-c", script])
+    }
+
+    impl Harness {
+        async fn next_event(&mut self) -> RuntimeEvent {
+            tokio::time::timeout(EVENT_WAIT, self.events.recv())
+                .await
+                .expect("an event within the wait")
+                .expect("the runtime holds the sender")
+        }
+
+        async fn expect_started(&mut self, allocation_id: &str) {
+            let event = self.next_event().await;
+            assert_eq!(
+                event,
+                RuntimeEvent::Started {
+                    allocation_id: allocation_id.into()
+                }
+            );
+        }
+
+        async fn expect_exited(&mut self, allocation_id: &str) -> Exit {
+            match self.next_event().await {
+                RuntimeEvent::Exited {
+                    allocation_id: id,
+                    exit,
+                } if id == allocation_id => exit,
+                other => panic!("expected {allocation_id} to exit, got {other:?}"),
+            }
+        }
+
+        async fn run_to_exit(&mut self, unit: UnitSpec) -> Exit {
+            let allocation_id = unit.allocation_id.clone();
+            self.runtime.start(unit).await.unwrap();
+            self.expect_started(&allocation_id).await;
+            self.expect_exited(&allocation_id).await
+        }
+
+        /// Waits (bounded) until the unit's stdout holds `needle`; returns the stdout.
+        async fn wait_for_stdout(&self, allocation_id: &str, needle: &str) -> String {
+            let deadline = Instant::now() + EVENT_WAIT;
+            loop {
+                let stdout = self
+                    .runtime
+                    .logs(allocation_id, false, 1 << 20)
+                    .await
+                    .unwrap();
+                let stdout = String::from_utf8(stdout).unwrap();
+                if stdout.contains(needle) {
+                    return stdout;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{needle:?} never appeared in {stdout:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn assert_no_more_events(&mut self) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let extra = self.events.try_recv();
+            assert!(extra.is_err(), "unexpected event {extra:?}");
+        }
+    }
+
+    /// Alive and not a zombie (a zombie whose parent is gone may wait long for init to reap it).
+    fn process_alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat_fields(&stat).map(|(state, _)| !matches!(state, 'Z' | 'X')))
+            .unwrap_or(false)
+    }
+
+    /// Whether any live (non-zombie) process is in the group `pgid`.
+    fn group_alive(pgid: i32) -> bool {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .any(|entry| {
+                std::fs::read_to_string(entry.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| stat_fields(&stat))
+                    .is_some_and(|(state, group)| group == pgid && !matches!(state, 'Z' | 'X'))
+            })
+    }
+
+    /// State and process group from `/proc/<pid>/stat`: `pid (comm) state ppid pgrp ...`.
+    fn stat_fields(stat: &str) -> Option<(char, i32)> {
+        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        let _ppid = fields.next()?;
+        Some((state, fields.next()?.parse().ok()?))
+    }
+
+    async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `key=value` from a line `... key=value ...` of the output.
+    fn field(output: &str, key: &str) -> i32 {
+        output
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {output:?}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reports_how_units_end() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let cases = [
+            (unit("true", &["true"]), Exit::Code(0)),
+            (unit("false", &["false"]), Exit::Code(1)),
+            (sh("exit-3", "exit 3"), Exit::Code(3)),
+            (
+                sh("self-killed", "kill -KILL $$"),
+                Exit::Signal(libc::SIGKILL),
+            ),
+        ];
+        for (unit, expected) in cases {
+            let allocation_id = unit.allocation_id.clone();
+            assert_eq!(h.run_to_exit(unit).await, expected, "{allocation_id}");
+        }
+        assert!(h.runtime.running().await.is_empty());
+        h.assert_no_more_events().await;
+    }
+
+    #[test]
+    fn unit_env_follows_the_policy() {
+        let check = |agent_env: &[(&str, &str)], unit: &UnitSpec, expected: &[(&str, &str)]| {
+            let agent_env = agent_env
+                .iter()
+                .map(|(name, value)| (name.into(), value.into()));
+            let expected: BTreeMap<OsString, OsString> = expected
+                .iter()
+                .map(|(name, value)| (name.into(), value.into()))
+                .collect();
+            assert_eq!(unit_env(unit, agent_env), expected);
+        };
+        let mut with_gpus = unit("a-1", &["train"]);
+        with_gpus.env = BTreeMap::from([
+            ("RANK".to_string(), "0".to_string()),
+            ("HOME".to_string(), "/home/job".to_string()),
+            ("CUDA_VISIBLE_DEVICES".to_string(), "0,1,2,3".to_string()),
+        ]);
+        with_gpus.gpus = vec![
+            GpuAssignment {
+                index: 0,
+                uuid: Some("GPU-uuid-a".into()),
+            },
+            GpuAssignment {
+                index: 1,
+                uuid: None,
+            },
+        ];
+        check(
+            &[
+                ("PATH", "/opt/bin:/usr/bin"),
+                ("HOME", "/home/agent"),
+                ("LANG", "C.UTF-8"),
+                ("GANTRY_JOIN_TOKEN", "secret"),
+                ("AWS_SECRET_ACCESS_KEY", "secret"),
+                ("LD_PRELOAD", "/tmp/evil.so"),
+            ],
+            &with_gpus,
+            &[
+                ("PATH", "/opt/bin:/usr/bin"),
+                ("HOME", "/home/job"),
+                ("LANG", "C.UTF-8"),
+                ("RANK", "0"),
+                ("CUDA_VISIBLE_DEVICES", "GPU-uuid-a,1"),
+                ("NVIDIA_VISIBLE_DEVICES", "GPU-uuid-a,1"),
+                ("GANTRY_ALLOCATION_ID", "a-1"),
+                ("GANTRY_JOB_ID", "job-1"),
+            ],
+        );
+        check(
+            &[("GANTRY_JOIN_TOKEN", "secret")],
+            &unit("a-2", &["serve"]),
+            &[
+                ("PATH", DEFAULT_PATH),
+                ("CUDA_VISIBLE_DEVICES", ""),
+                ("NVIDIA_VISIBLE_DEVICES", ""),
+                ("GANTRY_ALLOCATION_ID", "a-2"),
+                ("GANTRY_JOB_ID", "job-1"),
+            ],
+        );
+    }
+
+    #[tokio::test]
+    async fn unit_sees_its_env_and_gpus_but_not_the_agents_secrets_and_runs_in_its_directory() {
+        let mut h = harness(LOG_BYTES_MAX);
+        // A unique name: tests run in parallel threads of one process.
+        let secret_name = format!("GANTRY_TEST_SECRET_{:016x}", rand::random::<u64>());
+        std::env::set_var(&secret_name, "hunter2");
+        let mut unit = sh("env-1", "env; echo \"cwd=$(pwd -P)\"; echo to-stderr >&2");
+        unit.env = BTreeMap::from([("MY_SETTING".to_string(), "hello world".to_string())]);
+        unit.gpus = vec![
+            GpuAssignment {
+                index: 0,
+                uuid: Some("GPU-uuid-a".into()),
+            },
+            GpuAssignment {
+                index: 1,
+                uuid: None,
+            },
+        ];
+        let exit = h.run_to_exit(unit).await;
+        std::env::remove_var(&secret_name);
+        assert_eq!(exit, Exit::Code(0));
+
+        let work_dir = h.work_root.join("env-1");
+        let stdout = std::fs::read_to_string(work_dir.join(STDOUT_LOG)).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        for expected in [
+            "MY_SETTING=hello world",
+            "CUDA_VISIBLE_DEVICES=GPU-uuid-a,1",
+            "NVIDIA_VISIBLE_DEVICES=GPU-uuid-a,1",
+            "GANTRY_ALLOCATION_ID=env-1",
+            "GANTRY_JOB_ID=job-1",
+        ] {
+            assert!(
+                lines.contains(&expected),
+                "{expected:?} missing from {stdout}"
+            );
+        }
+        assert!(
+            !stdout.contains(&secret_name),
+            "the agent's secret leaked: {stdout}"
+        );
+        let gantry_names: Vec<&str> = lines
+            .iter()
+            .filter(|line| line.starts_with("GANTRY_"))
+            .map(|line| line.split('=').next().unwrap())
+            .collect();
+        assert_eq!(gantry_names.len(), 2, "{gantry_names:?}");
+        let cwd = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("cwd="))
+            .unwrap();
+        assert_eq!(Path::new(cwd), work_dir.canonicalize().unwrap());
+        assert_eq!(
+            std::fs::read_to_string(work_dir.join(STDERR_LOG)).unwrap(),
+            "to-stderr\n"
+        );
+        assert_eq!(
+            h.runtime.logs("env-1", true, 1024).await.unwrap(),
+            b"to-stderr\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn logs_are_bounded_and_keep_the_newest_output() {
+        let mut h = harness(LOG_BYTES_MAX);
+        // About 1 MB, not a multiple of the bound, every 8-byte word distinct.
+        let output: Vec<u8> = (0..125_000u64)
+            .flat_map(|word| format!("{word:07}\n").into_bytes())
+            .chain(*b"end")
+            .collect();
+        let source = h.dir.path().join("output.txt");
+        std::fs::write(&source, &output).unwrap();
+        let exit = h
+            .run_to_exit(unit("chatty", &["cat", source.to_str().unwrap()]))
+            .await;
+        assert_eq!(exit, Exit::Code(0));
+
+        let work_dir = h.work_root.join("chatty");
+        let newest = std::fs::read(work_dir.join(STDOUT_LOG)).unwrap();
+        let older = std::fs::read(work_dir.join(format!("{STDOUT_LOG}{ROTATED_SUFFIX}"))).unwrap();
+        assert!(newest.len() as u64 <= LOG_BYTES_MAX && older.len() as u64 <= LOG_BYTES_MAX);
+        assert!((newest.len() + older.len()) as u64 >= LOG_BYTES_MAX);
+        let kept = [older, newest].concat();
+        assert!(
+            output.ends_with(&kept),
+            "what is kept is not the newest output"
+        );
+
+        let max = LOG_BYTES_MAX as usize;
+        let logs = |bytes| h.runtime.logs("chatty", false, bytes);
+        assert_eq!(
+            logs(LOG_BYTES_MAX).await.unwrap(),
+            output[output.len() - max..]
+        );
+        assert_eq!(logs(10).await.unwrap(), b"124999\nend");
+        assert_eq!(logs(10 * LOG_BYTES_MAX).await.unwrap(), kept);
+        assert_eq!(h.runtime.logs("chatty", true, 100).await.unwrap(), b"");
+        assert!(h.runtime.logs("unknown", false, 100).await.is_err());
+        assert!(h.runtime.logs("../chatty", false, 100).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn stop_reports_stopped_for_a_unit_that_exits_on_sigterm() {
+        let mut h = harness(LOG_BYTES_MAX);
+        h.runtime
+            .start(sh(
+                "polite",
+                "trap 'exit 0' TERM; echo ready; sleep 30 & wait",
+            ))
+            .await
+            .unwrap();
+        h.expect_started("polite").await;
+        h.wait_for_stdout("polite", "ready").await;
+
+        let started = Instant::now();
+        h.runtime.stop("polite", Duration::from_secs(10)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(h.expect_exited("polite").await, Exit::Stopped);
+        assert!(h.runtime.running().await.is_empty());
+        // Stopping again, or stopping what never ran, is a no-op.
+        h.runtime.stop("polite", Duration::from_secs(10)).await;
+        h.runtime.stop("never-ran", Duration::from_secs(10)).await;
+        h.assert_no_more_events().await;
+    }
+
+    #[tokio::test]
+    async fn stop_kills_a_unit_that_ignores_sigterm_after_the_grace() {
+        let mut h = harness(LOG_BYTES_MAX);
+        h.runtime
+            .start(sh("stubborn", "trap '' TERM; echo ready; sleep 30"))
+            .await
+            .unwrap();
+        h.expect_started("stubborn").await;
+        h.wait_for_stdout("stubborn", "ready").await;
+
+        let grace = Duration::from_secs(1);
+        let started = Instant::now();
+        h.runtime.stop("stubborn", grace).await;
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= grace && elapsed < Duration::from_secs(10),
+            "took {elapsed:?}"
+        );
+        assert_eq!(h.expect_exited("stubborn").await, Exit::Stopped);
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_process_group() {
+        let mut h = harness(LOG_BYTES_MAX);
+        h.runtime
+            .start(sh("family", "sleep 300 & echo \"group=$$ child=$!\"; wait"))
+            .await
+            .unwrap();
+        h.expect_started("family").await;
+        let stdout = h.wait_for_stdout("family", "child=").await;
+        let (pgid, child_pid) = (field(&stdout, "group"), field(&stdout, "child"));
+        assert!(group_alive(pgid) && process_alive(child_pid));
+
+        h.runtime.stop("family", Duration::from_secs(5)).await;
+        assert_eq!(h.expect_exited("family").await, Exit::Stopped);
+        wait_until("the unit's group is gone", || !group_alive(pgid)).await;
+        assert!(!process_alive(child_pid));
+    }
+
+    #[tokio::test]
+    async fn a_unit_that_exits_takes_what_it_left_in_its_group_along() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let exit = h
+            .run_to_exit(sh("leaver", "sleep 300 & echo \"group=$$ child=$!\""))
+            .await;
+        assert_eq!(exit, Exit::Code(0));
+        let stdout =
+            String::from_utf8(h.runtime.logs("leaver", false, 1024).await.unwrap()).unwrap();
+        let pgid = field(&stdout, "group");
+        wait_until("the unit's group is gone", || !group_alive(pgid)).await;
+    }
+
+    #[tokio::test]
+    async fn starting_a_running_allocation_again_is_a_noop() {
+        let mut h = harness(LOG_BYTES_MAX);
+        h.runtime
+            .start(unit("twice", &["sleep", "30"]))
+            .await
+            .unwrap();
+        h.runtime
+            .start(unit("twice", &["sleep", "30"]))
+            .await
+            .unwrap();
+        h.expect_started("twice").await;
+        h.assert_no_more_events().await;
+        assert_eq!(h.runtime.running().await, ["twice"]);
+
+        h.runtime.stop("twice", Duration::from_secs(5)).await;
+        assert_eq!(h.expect_exited("twice").await, Exit::Stopped);
+        h.assert_no_more_events().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_units_it_cannot_run() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let mut with_image = unit("image", &["serve"]);
+        with_image.image = Some("nvcr.io/nvidia/pytorch:24.05".into());
+        assert!(matches!(
+            h.runtime.start(with_image).await,
+            Err(RuntimeError::Unsupported {
+                runtime: "process",
+                ..
+            })
+        ));
+        assert!(matches!(
+            h.runtime.start(unit("no-command", &[])).await,
+            Err(RuntimeError::Unsupported { .. })
+        ));
+        for bad_id in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../escape",
+            "with space",
+            "ünï",
+            &"a".repeat(256),
+        ] {
+            let refused = h.runtime.start(unit(bad_id, &["true"])).await;
+            assert!(
+                matches!(refused, Err(RuntimeError::Start { .. })),
+                "{bad_id:?}: {refused:?}"
+            );
+        }
+        let mut bad_env = unit("bad-env", &["true"]);
+        bad_env.env.insert("A=B".into(), "c".into());
+        assert!(matches!(
+            h.runtime.start(bad_env).await,
+            Err(RuntimeError::Start { .. })
+        ));
+        let missing_program = h
+            .runtime
+            .start(unit("missing", &["/nonexistent/program"]))
+            .await;
+        assert!(
+            matches!(missing_program, Err(RuntimeError::Start { .. })),
+            "{missing_program:?}"
+        );
+
+        assert!(h.runtime.running().await.is_empty());
+        h.assert_no_more_events().await;
+        assert_eq!(
+            previous_allocations(&h.work_root),
+            ["missing"],
+            "only a valid id made a directory"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_every_unit_and_refuses_new_ones() {
+        let mut h = harness(LOG_BYTES_MAX);
+        h.runtime.start(unit("b", &["sleep", "30"])).await.unwrap();
+        h.runtime
+            .start(sh("a", "trap '' TERM; echo ready; sleep 30"))
+            .await
+            .unwrap();
+        h.expect_started("b").await;
+        h.expect_started("a").await;
+        h.wait_for_stdout("a", "ready").await;
+        assert_eq!(h.runtime.running().await, ["a", "b"]);
+
+        let started = Instant::now();
+        h.runtime.shutdown(Duration::from_secs(1)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        let mut exits = BTreeMap::new();
+        for _ in 0..2 {
+            match h.next_event().await {
+                RuntimeEvent::Exited {
+                    allocation_id,
+                    exit,
+                } => exits.insert(allocation_id, exit),
+                other => panic!("expected an exit, got {other:?}"),
+            };
+        }
+        assert_eq!(
+            exits,
+            BTreeMap::from([("a".into(), Exit::Stopped), ("b".into(), Exit::Stopped)])
+        );
+        assert!(h.runtime.running().await.is_empty());
+        assert!(matches!(
+            h.runtime.start(unit("late", &["true"])).await,
+            Err(RuntimeError::Start { .. })
+        ));
+        h.assert_no_more_events().await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_runtime_kills_its_units() {
+        let Harness {
+            runtime,
+            mut events,
+            dir: _dir,
+            ..
+        } = harness(LOG_BYTES_MAX);
+        runtime
+            .start(sh("dropped", "sleep 300 & wait"))
+            .await
+            .unwrap();
+        drop(runtime);
+        let mut seen = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(EVENT_WAIT, events.recv()).await {
+            seen.push(event);
+        }
+        let dropped = || "dropped".to_string();
+        assert_eq!(
+            seen,
+            [
+                RuntimeEvent::Started {
+                    allocation_id: dropped()
+                },
+                RuntimeEvent::Exited {
+                    allocation_id: dropped(),
+                    exit: Exit::Stopped
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn previous_allocations_lists_the_directories_left_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(previous_allocations(&dir.path().join("missing")).is_empty());
+        for name in ["b.2", "a-1", "not an id"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join("a-file"), b"").unwrap();
+        assert_eq!(previous_allocations(dir.path()), ["a-1", "b.2"]);
+    }
+
+    /// The environment variable that turns [`agent_helper`] into a stand-in agent.
+    const AGENT_HELPER_DIR: &str = "GANTRY_TEST_AGENT_HELPER_DIR";
+
+    /// Does nothing unless run by [`units_die_when_the_agent_is_killed`], which re-executes this
+    /// test binary as an agent that starts a unit and waits to be SIGKILLed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agent_helper() {
+        let Some(work_root) = std::env::var_os(AGENT_HELPER_DIR) else {
+            return;
+        };
+        let (events_tx, _events) = mpsc::unbounded_channel();
+        let runtime = ProcessRuntime::new(
+            RuntimeConfig {
+                work_root: work_root.into(),
+                log_bytes_max: LOG_BYTES_MAX,
+            },
+            events_tx,
+        );
+        let script = "echo $$ > leader.tmp && mv leader.tmp leader.pid && exec sleep 300";
+        runtime.start(sh("orphan-to-be", script)).await.unwrap();
+        // Outlive the parent test's patience; it kills this process long before.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+
+    struct KillOnDrop(i32);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if process_alive(self.0) {
+                // SAFETY: kill takes plain integers.
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn units_die_when_the_agent_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "runtime::process::tests::agent_helper",
+                "--test-threads=1",
+            ])
+            .env(AGENT_HELPER_DIR, dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid_file = dir.path().join("orphan-to-be").join("leader.pid");
+        let deadline = Instant::now() + EVENT_WAIT;
+        let leader_pid: i32 = loop {
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                break pid.trim().parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the helper agent never started its unit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(process_alive(leader_pid));
+        // Should this test fail, the unit must not outlive it either.
+        let _cleanup = KillOnDrop(leader_pid);
+
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        wait_until("the unit dies with its agent", || {
+            !process_alive(leader_pid)
+        })
+        .await;
+    }
+}
