@@ -618,7 +618,10 @@ async fn job_status(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
                 ["UPDATED".into(), local_time(view.updated_at_unix_ms)],
             ];
             print_table(&["FIELD", "VALUE"], &rows);
-            println!("progress {}/{}, restarts {}", view.progress.succeeded, view.progress.total, view.restarts);
+            println!(
+                "progress {}/{}, restarts {}",
+                view.progress.succeeded, view.progress.total, view.restarts
+            );
             if let Some(failure) = &view.failure {
                 println!("failed: {failure}");
             }
@@ -628,11 +631,24 @@ async fn job_status(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
                     .allocations
                     .iter()
                     .map(|a| {
-                        let exit = a.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-                        [a.id.clone(), a.unit.to_string(), format!("{}/{}", a.agent, a.node), a.state.clone(), exit, a.reason.clone().unwrap_or_default()]
+                        let exit = a
+                            .exit_code
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "-".into());
+                        [
+                            a.id.clone(),
+                            a.unit.to_string(),
+                            format!("{}/{}", a.agent, a.node),
+                            a.state.clone(),
+                            exit,
+                            a.reason.clone().unwrap_or_default(),
+                        ]
                     })
                     .collect();
-                print_table(&["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"], &rows);
+                print_table(
+                    &["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"],
+                    &rows,
+                );
             }
         }
     }
@@ -700,17 +716,33 @@ async fn cluster(api: &ApiArgs, command: ClusterCommand) -> Result<()> {
 
 async fn explain(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
-    let view: gantry_coordinator::api::types::ExplainView = client.get(&format!("/v1/jobs/{job}/explain")).await?;
+    let view: gantry_coordinator::api::types::ExplainView =
+        client.get(&format!("/v1/jobs/{job}/explain")).await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
         Output::Table => {
             if view.units.is_empty() {
-                println!("{} is {}: no unit is waiting for a node", view.job, view.state);
+                println!(
+                    "{} is {}: no unit is waiting for a node",
+                    view.job, view.state
+                );
             }
             for unit in &view.units {
                 println!("unit {}: {}", unit.unit, unit.reason);
-                let filtered: Vec<String> = unit.filtered.iter().map(|f| format!("{} {}", f.filter, f.nodes)).collect();
-                println!("  {} nodes; removed by filter: {}", unit.nodes_total, if filtered.is_empty() { "none".into() } else { filtered.join(", ") });
+                let filtered: Vec<String> = unit
+                    .filtered
+                    .iter()
+                    .map(|f| format!("{} {}", f.filter, f.nodes))
+                    .collect();
+                println!(
+                    "  {} nodes; removed by filter: {}",
+                    unit.nodes_total,
+                    if filtered.is_empty() {
+                        "none".into()
+                    } else {
+                        filtered.join(", ")
+                    }
+                );
                 for candidate in &unit.candidates {
                     println!("  candidate {} score {}", candidate.node, candidate.score);
                 }
@@ -724,7 +756,12 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
     match command {
         QuotaCommand::Set { team, gpus, .. } => {
-            let _: serde_json::Value = client.put(&format!("/v1/quotas/{team}"), &serde_json::json!({ "gpus": gpus })).await?;
+            let _: serde_json::Value = client
+                .put(
+                    &format!("/v1/quotas/{team}"),
+                    &serde_json::json!({ "gpus": gpus }),
+                )
+                .await?;
             match gpus {
                 Some(gpus) => eprintln!("team {team} may hold {gpus} GPU(s)"),
                 None => eprintln!("team {team} has no GPU limit"),
@@ -732,7 +769,10 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
         }
         QuotaCommand::List => {
             let quotas: std::collections::BTreeMap<String, u32> = client.get("/v1/quotas").await?;
-            let rows: Vec<[String; 2]> = quotas.iter().map(|(team, gpus)| [team.clone(), gpus.to_string()]).collect();
+            let rows: Vec<[String; 2]> = quotas
+                .iter()
+                .map(|(team, gpus)| [team.clone(), gpus.to_string()])
+                .collect();
             print_table(&["TEAM", "GPUS"], &rows);
         }
     }

@@ -141,23 +141,37 @@ pub async fn run(
         .filter(|r| {
             let usable = r.kind == gantry_protocol::RuntimeKind::Process;
             if !usable {
-                tracing::info!(runtime = r.kind.as_str(), "detected, but this build runs work only through the process runtime");
+                tracing::info!(
+                    runtime = r.kind.as_str(),
+                    "detected, but this build runs work only through the process runtime"
+                );
             }
             usable
         })
         .collect();
     let work_root = options.data_dir.join("allocations");
-    std::fs::create_dir_all(&work_root).with_context(|| format!("create {}", work_root.display()))?;
+    std::fs::create_dir_all(&work_root)
+        .with_context(|| format!("create {}", work_root.display()))?;
     let (events_tx, runtime_events) = tokio::sync::mpsc::unbounded_channel();
-    let runtime: Option<std::sync::Arc<dyn runtime::Runtime>> = options.config.allow_process.then(|| {
-        let config = runtime::RuntimeConfig { work_root: work_root.clone(), log_bytes_max: LOG_BYTES_MAX };
-        std::sync::Arc::new(runtime::process::ProcessRuntime::new(config, events_tx)) as std::sync::Arc<dyn runtime::Runtime>
-    });
+    let runtime: Option<std::sync::Arc<dyn runtime::Runtime>> =
+        options.config.allow_process.then(|| {
+            let config = runtime::RuntimeConfig {
+                work_root: work_root.clone(),
+                log_bytes_max: LOG_BYTES_MAX,
+            };
+            std::sync::Arc::new(runtime::process::ProcessRuntime::new(config, events_tx))
+                as std::sync::Arc<dyn runtime::Runtime>
+        });
     let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
     let gpus = fingerprint::local_node(&options.config, &options.data_dir).gpus;
     let mut supervisor = supervisor::Supervisor::new(runtime, work_root.clone(), gpus, reports_tx);
     supervisor.report_previous(runtime::process::previous_allocations(&work_root));
-    let work = session::Work { supervisor, runtime_events, reports, undelivered: Default::default() };
+    let work = session::Work {
+        supervisor,
+        runtime_events,
+        reports,
+        undelivered: Default::default(),
+    };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

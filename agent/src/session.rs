@@ -7,12 +7,14 @@ use anyhow::{bail, Context, Result};
 use gantry_protocol::pki::{self, COORDINATOR_SERVER_NAME};
 use gantry_protocol::tls;
 use gantry_protocol::transport::{self, close_code, ALPN_AGENT};
-use gantry_protocol::{AgentMessage, AllocationStateReport, CoordinatorMessage, Heartbeat, Register};
+use gantry_protocol::{
+    AgentMessage, AllocationStateReport, CoordinatorMessage, Heartbeat, Register,
+};
 use std::collections::VecDeque;
-use tokio::sync::mpsc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 /// Redirects followed in a row before the agent backs off (a leader election in progress).
@@ -238,7 +240,10 @@ impl Session {
         }
         while let Some(report) = self.work.undelivered.front().cloned() {
             if let Err(e) = send.send(&AgentMessage::AllocationState(report)).await {
-                return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() });
+                return Ok(Outcome::Ended {
+                    welcomed: true,
+                    reason: e.to_string(),
+                });
             }
             self.work.undelivered.pop_front();
         }

@@ -320,9 +320,22 @@ impl Coordinator {
 
     fn answer(&self, query: &Query) -> Answer {
         match query {
-            Query::Jobs => Answer::Jobs(self.state().jobs.values().map(|job| self.with_allocations(job)).collect()),
-            Query::Job(id) => Answer::Job(self.state().jobs.get(id).map(|job| self.with_allocations(job))),
-            Query::Explain(id) => Answer::Explain(self.state().jobs.get(id).cloned(), self.explain(id)),
+            Query::Jobs => Answer::Jobs(
+                self.state()
+                    .jobs
+                    .values()
+                    .map(|job| self.with_allocations(job))
+                    .collect(),
+            ),
+            Query::Job(id) => Answer::Job(
+                self.state()
+                    .jobs
+                    .get(id)
+                    .map(|job| self.with_allocations(job)),
+            ),
+            Query::Explain(id) => {
+                Answer::Explain(self.state().jobs.get(id).cloned(), self.explain(id))
+            }
             Query::Quotas => Answer::Quotas(self.state().quotas.clone()),
             Query::Agents => Answer::Agents(self.agent_views()),
             Query::Cluster => Answer::Cluster(self.cluster_view()),
@@ -330,7 +343,13 @@ impl Coordinator {
     }
 
     fn with_allocations(&self, job: &Job) -> JobWithAllocations {
-        let allocations = self.state().allocations.values().filter(|a| a.job_id == job.id).cloned().collect();
+        let allocations = self
+            .state()
+            .allocations
+            .values()
+            .filter(|a| a.job_id == job.id)
+            .cloned()
+            .collect();
         (job.clone(), allocations)
     }
 
@@ -563,7 +582,11 @@ impl Coordinator {
         Ok(())
     }
 
-    fn handle_allocation_report(&mut self, agent_id: &str, report: gantry_protocol::AllocationStateReport) {
+    fn handle_allocation_report(
+        &mut self,
+        agent_id: &str,
+        report: gantry_protocol::AllocationStateReport,
+    ) {
         if !self.replica.is_leader() {
             return;
         }
@@ -575,7 +598,10 @@ impl Coordinator {
             }
             return;
         };
-        let fencing = gantry_protocol::FencingToken { term: allocation.fencing_term, index: allocation.fencing_index };
+        let fencing = gantry_protocol::FencingToken {
+            term: allocation.fencing_term,
+            index: allocation.fencing_index,
+        };
         if report.fencing != fencing {
             tracing::warn!(allocation = %report.allocation_id, "ignoring a report with a stale fencing token");
             return;
@@ -587,12 +613,20 @@ impl Coordinator {
             return;
         }
         if allocation.phase != report.phase {
-            let op = Op::AllocationUpdate { allocation_id: report.allocation_id, phase: report.phase };
+            let op = Op::AllocationUpdate {
+                allocation_id: report.allocation_id,
+                phase: report.phase,
+            };
             self.propose(format!("agent:{agent_id}"), op, None);
         }
     }
 
-    fn send_stop(&self, agent_id: &str, allocation_id: &str, fencing: gantry_protocol::FencingToken) {
+    fn send_stop(
+        &self,
+        agent_id: &str,
+        allocation_id: &str,
+        fencing: gantry_protocol::FencingToken,
+    ) {
         if let Some(session) = self.sessions.get(agent_id) {
             let stop = gantry_protocol::Stop {
                 allocation_id: allocation_id.to_string(),
@@ -608,11 +642,18 @@ impl Coordinator {
         let mut sent_assign = Vec::new();
         let mut sent_stop = Vec::new();
         for allocation in self.state().allocations.values() {
-            if allocation.is_final() {
+            // A preempted allocation is final in the state at once (its resources go to the
+            // preemptor) but its process still has to be stopped.
+            if allocation.is_final() && !allocation.preempted {
                 continue;
             }
-            let Some(session) = self.sessions.get(&allocation.agent_id) else { continue };
-            let fencing = gantry_protocol::FencingToken { term: allocation.fencing_term, index: allocation.fencing_index };
+            let Some(session) = self.sessions.get(&allocation.agent_id) else {
+                continue;
+            };
+            let fencing = gantry_protocol::FencingToken {
+                term: allocation.fencing_term,
+                index: allocation.fencing_index,
+            };
             if allocation.stop_requested {
                 if !self.stopped.contains(&allocation.id) {
                     let stop = gantry_protocol::Stop {
@@ -620,12 +661,18 @@ impl Coordinator {
                         fencing,
                         grace_period_ms: STOP_GRACE.as_millis() as u64,
                     };
-                    if session.outbox.try_send(CoordinatorMessage::Stop(stop)).is_ok() {
+                    if session
+                        .outbox
+                        .try_send(CoordinatorMessage::Stop(stop))
+                        .is_ok()
+                    {
                         sent_stop.push(allocation.id.clone());
                     }
                 }
             } else if !self.assigned.contains(&allocation.id) {
-                let Some(job) = self.state().jobs.get(&allocation.job_id) else { continue };
+                let Some(job) = self.state().jobs.get(&allocation.job_id) else {
+                    continue;
+                };
                 let assign = gantry_protocol::Assign {
                     allocation_id: allocation.id.clone(),
                     fencing,
@@ -635,7 +682,11 @@ impl Coordinator {
                     env: allocation.env.clone(),
                     gpus: allocation.gpus.clone(),
                 };
-                if session.outbox.try_send(CoordinatorMessage::Assign(assign)).is_ok() {
+                if session
+                    .outbox
+                    .try_send(CoordinatorMessage::Assign(assign))
+                    .is_ok()
+                {
                     sent_assign.push(allocation.id.clone());
                 }
             }
@@ -643,8 +694,13 @@ impl Coordinator {
         self.assigned.extend(sent_assign);
         self.stopped.extend(sent_stop);
         let allocations = &self.replica.machine().allocations;
-        self.assigned.retain(|id| allocations.get(id).is_some_and(|a| !a.is_final()));
-        self.stopped.retain(|id| allocations.get(id).is_some_and(|a| !a.is_final()));
+        self.assigned
+            .retain(|id| allocations.get(id).is_some_and(|a| !a.is_final()));
+        self.stopped.retain(|id| {
+            allocations
+                .get(id)
+                .is_some_and(|a| !a.is_final() || a.preempted)
+        });
     }
 
     /// One scheduling pass: the pure scheduler's decisions, proposed as one Raft entry.
@@ -680,10 +736,19 @@ impl Coordinator {
                 memory_bytes: p.memory_bytes,
             })
             .collect();
-        let op = Op::Place { term: self.replica.term(), placements, preemptions: decisions.preemptions };
+        let op = Op::Place {
+            term: self.replica.term(),
+            placements,
+            preemptions: decisions.preemptions,
+        };
         let request_id = self.request_id();
         let actor = format!("scheduler:{}", self.replica.id());
-        let command = Command { request_id, at_unix_ms: unix_ms(), actor, op };
+        let command = Command {
+            request_id,
+            at_unix_ms: unix_ms(),
+            actor,
+            op,
+        };
         if self.replica.propose(replicated::encode(&command)).is_ok() {
             self.place_in_flight = Some((request_id, Instant::now()));
         }
@@ -694,7 +759,11 @@ impl Coordinator {
         let queue = self.state().queue(unix_ms());
         let view = self.state().cluster_view();
         let decisions = scheduler::schedule(&view, &queue, &scheduler::Policy::default());
-        decisions.unplaced.into_iter().filter(|u| u.job_id == job_id).collect()
+        decisions
+            .unplaced
+            .into_iter()
+            .filter(|u| u.job_id == job_id)
+            .collect()
     }
 
     fn handle_leadership(&mut self, leader: Option<u64>) {

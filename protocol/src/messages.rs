@@ -115,6 +115,8 @@ pub struct FencingToken {
 pub enum AllocationPhase {
     Pending,
     Running,
+    /// Running, and its health check passes (serving replicas): ready for traffic.
+    Healthy,
     Succeeded,
     Failed {
         exit_code: Option<i32>,
@@ -403,6 +405,7 @@ mod tests {
         for phase in [
             AllocationPhase::Pending,
             AllocationPhase::Running,
+            AllocationPhase::Healthy,
             AllocationPhase::Succeeded,
             AllocationPhase::Failed {
                 exit_code: Some(137),

@@ -15,13 +15,15 @@
 //!   and there is a leader.
 
 use crate::Rng;
+use gantry_coordinator::core::scheduler;
 use gantry_coordinator::core::state::{Member, Outcome, State};
 use gantry_coordinator::replica::storage::{Durable, LogStore, PersistBatch, Recovered};
 use gantry_coordinator::replica::{Replica, ReplicaConfig};
 use gantry_protocol::replicated::{self, Command, Op};
+use gantry_protocol::AllocationPhase;
 use raft::eraftpb::{Message, MessageType};
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 /// What survives a crash: everything `persist` was given and finished. A disk can be set to
@@ -79,7 +81,7 @@ impl SimConfig {
             loss_percent: 5,
             delay_ticks_max: 3,
             submit_percent: 15,
-            snapshot_every_entries: 40,
+            snapshot_every_entries: 100,
         }
     }
 }
@@ -129,6 +131,10 @@ struct Sim {
     pending: BTreeMap<u64, Pending>,
     /// Nodes whose disk will fail their next write, to crash them mid-Ready.
     crashing: Vec<bool>,
+    /// What each simulated agent will report about an allocation, and when.
+    agent_plans: BTreeMap<String, (u64, AllocationPhase)>,
+    place_in_flight: Option<(u64, u64)>,
+    agents_down: BTreeSet<String>,
     acknowledged: BTreeMap<String, String>,
     unacknowledged: Vec<String>,
     next_request: u64,
@@ -140,8 +146,86 @@ fn ids(n: usize) -> Vec<u64> {
     (1..=n as u64).collect()
 }
 
+/// The simulated fleet, known to every replica from the start: two GPU hosts and two CPU hosts.
+pub const AGENTS: [(&str, u32); 4] = [
+    ("agent-a", 4),
+    ("agent-b", 4),
+    ("agent-c", 0),
+    ("agent-d", 0),
+];
+
+fn register(name: &str, n_gpus: u32) -> gantry_protocol::Register {
+    gantry_protocol::Register {
+        name: name.into(),
+        software_version: "sim".into(),
+        site: if n_gpus > 0 {
+            "gpu-site".into()
+        } else {
+            "cpu-site".into()
+        },
+        site_kind: gantry_protocol::SiteKind::OnPrem,
+        cost_per_gpu_hour: 1.0,
+        cost_per_cpu_hour: 0.01,
+        labels: Default::default(),
+        runtimes: vec![gantry_protocol::RuntimeReport {
+            kind: gantry_protocol::RuntimeKind::Process,
+            detail: "sim".into(),
+        }],
+        nodes: vec![gantry_protocol::NodeCapacity {
+            name: "local".into(),
+            hostname: name.into(),
+            os: "sim".into(),
+            arch: "sim".into(),
+            cpu_cores: 8,
+            memory_bytes: 32 << 30,
+            disk_bytes: 1 << 40,
+            disk_free_bytes: 1 << 40,
+            gpus: (0..n_gpus)
+                .map(|index| gantry_protocol::Gpu {
+                    index,
+                    model: "A100".into(),
+                    memory_bytes: 80 << 30,
+                    uuid: None,
+                    source: gantry_protocol::GpuSource::Declared,
+                })
+                .collect(),
+        }],
+    }
+}
+
+/// The spec submitted under key number `n`: the same key always means the same spec.
+fn spec_for(n: u64) -> String {
+    let value = match n % 3 {
+        0 => {
+            serde_json::json!({ "name": format!("train-{n}"), "kind": "training", "command": ["train"],
+            "resources": { "gpus": 1 + n % 2, "cpus": 1, "memory": "1GiB" }, "training": { "workers": 2, "max_restarts": 50 } })
+        }
+        1 => {
+            serde_json::json!({ "name": format!("batch-{n}"), "kind": "batch", "command": ["infer"],
+            "resources": { "cpus": 0.5, "memory": "512MiB" }, "batch": { "shards": 1 + n % 3, "max_retries": 50 } })
+        }
+        _ => {
+            serde_json::json!({ "name": format!("gpu-batch-{n}"), "kind": "batch", "command": ["embed"],
+            "resources": { "gpus": 1, "cpus": 2, "memory": "4GiB" }, "batch": { "shards": 2, "parallelism": 1, "max_retries": 50 } })
+        }
+    };
+    gantry_protocol::jobspec::from_json_value(value)
+        .expect("the simulator's specs are valid")
+        .canonical_json()
+}
+
 fn initial_state(n: usize) -> State {
     let mut state = State::default();
+    for (name, n_gpus) in AGENTS {
+        state.agents.insert(
+            name.into(),
+            gantry_coordinator::core::state::AgentRecord {
+                register: register(name, n_gpus),
+                state: gantry_coordinator::core::state::AgentState::Ready,
+                since_unix_ms: 0,
+            },
+        );
+    }
     for id in ids(n) {
         state.members.insert(
             id,
@@ -174,6 +258,9 @@ impl Sim {
             last_checked_applied: vec![0; n],
             pending: BTreeMap::new(),
             crashing: vec![false; n],
+            agent_plans: BTreeMap::new(),
+            place_in_flight: None,
+            agents_down: BTreeSet::new(),
             acknowledged: BTreeMap::new(),
             unacknowledged: Vec::new(),
             next_request: 1,
@@ -334,7 +421,7 @@ impl Sim {
             op: Op::SubmitJob {
                 job_id: format!("j-{request_id}"),
                 idempotency_key: Some(key.clone()),
-                spec_json: format!("{{\"name\":\"{key}\"}}"),
+                spec_json: spec_for(key[1..].parse().expect("keys are k<number>")),
             },
         };
         match self.nodes[idx]
@@ -451,8 +538,11 @@ impl Sim {
             }
             self.checked_commit[idx] = self.checked_commit[idx].max(commit);
             let applied = node.applied();
-            if applied != self.last_checked_applied[idx] {
+            // Encoding the whole state is the costly part of checking; every eighth applied index is
+            // compared (all nodes pass through the same indexes, so every node is compared there).
+            if applied != self.last_checked_applied[idx] && applied % 8 == 0 {
                 self.last_checked_applied[idx] = applied;
+                self.check_capacity(node.id(), node.machine())?;
                 let state = node.machine().encode_snapshot();
                 match self.state_at_index.get(&applied) {
                     Some(expected) if *expected != state => {
@@ -529,13 +619,233 @@ impl Sim {
             self.submit(key);
         }
         self.drive_ready(faulty)?;
+        self.fleet(faulty);
         self.check()
+    }
+
+    fn leader(&mut self) -> Option<&mut Replica<State, SimDisk>> {
+        self.nodes
+            .iter_mut()
+            .flatten()
+            .find(|node| node.is_leader())
+    }
+
+    fn propose_as_leader(&mut self, op: Op) -> Option<u64> {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let command = Command {
+            request_id,
+            at_unix_ms: self.now * 100,
+            actor: "sim-fleet".into(),
+            op,
+        };
+        let leader = self.leader()?;
+        leader
+            .propose(replicated::encode(&command))
+            .ok()
+            .map(|_| request_id)
+    }
+
+    /// The agents and the leader's scheduler: agents report what their allocations do (some
+    /// fail while faults last), go down and come back; the leader places what is queued.
+    fn fleet(&mut self, faulty: bool) {
+        let now = self.now;
+        let Some(leader) = self.nodes.iter().flatten().find(|node| node.is_leader()) else {
+            return;
+        };
+        // Only what the fleet needs, not a copy of the whole state.
+        let active: Vec<gantry_coordinator::core::allocations::Allocation> = leader
+            .machine()
+            .allocations
+            .values()
+            .filter(|a| !a.is_final())
+            .cloned()
+            .collect();
+        let down_agents: BTreeSet<String> = leader
+            .machine()
+            .agents
+            .iter()
+            .filter(|(_, a)| a.state != gantry_coordinator::core::state::AgentState::Ready)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let active_ids: BTreeSet<&str> = active.iter().map(|a| a.id.as_str()).collect();
+        self.agent_plans
+            .retain(|id, _| active_ids.contains(id.as_str()));
+        for allocation in &active {
+            if self.agents_down.contains(&allocation.agent_id)
+                || self.agent_plans.contains_key(&allocation.id)
+            {
+                continue;
+            }
+            let plan = if allocation.stop_requested {
+                (
+                    now + 1,
+                    AllocationPhase::Failed {
+                        exit_code: None,
+                        reason: "stopped".into(),
+                    },
+                )
+            } else if allocation.phase == AllocationPhase::Pending {
+                (now + 1 + self.rng.below(3), AllocationPhase::Running)
+            } else if faulty && self.rng.below(10) == 0 {
+                (
+                    now + 2 + self.rng.below(10),
+                    AllocationPhase::Failed {
+                        exit_code: Some(1),
+                        reason: "sim failure".into(),
+                    },
+                )
+            } else {
+                (now + 3 + self.rng.below(15), AllocationPhase::Succeeded)
+            };
+            self.agent_plans.insert(allocation.id.clone(), plan);
+        }
+        let due: Vec<(String, AllocationPhase)> = self
+            .agent_plans
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(id, (_, phase))| (id.clone(), phase.clone()))
+            .collect();
+        for (allocation_id, phase) in due {
+            self.agent_plans.remove(&allocation_id);
+            self.propose_as_leader(Op::AllocationUpdate {
+                allocation_id,
+                phase,
+            });
+        }
+        if faulty && self.rng.below(1000) < 3 {
+            let (name, _) = AGENTS[self.rng.below(AGENTS.len() as u64) as usize];
+            if self.agents_down.insert(name.to_string()) {
+                self.propose_as_leader(Op::AgentDown {
+                    agent_id: name.into(),
+                });
+            }
+        }
+        let bring_back = if faulty {
+            self.rng.below(100) < 2
+        } else {
+            true
+        };
+        if bring_back {
+            // The agent restarts: it is no longer down as far as the fleet goes.
+            self.agents_down.clear();
+        }
+        // A live agent heartbeats, and the leader records it up again if it was down.
+        for agent_id in down_agents
+            .difference(&self.agents_down)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            self.propose_as_leader(Op::AgentUp { agent_id });
+        }
+        if let Some((_, since)) = self.place_in_flight {
+            if now - since < 50 {
+                return;
+            }
+        }
+        if now % 3 != 0 {
+            return;
+        }
+        let Some(leader) = self.nodes.iter().flatten().find(|node| node.is_leader()) else {
+            return;
+        };
+        let queue = leader.machine().queue(now * 100);
+        if queue.is_empty() {
+            return;
+        }
+        let view = leader.machine().cluster_view();
+        let decisions = scheduler::schedule(&view, &queue, &scheduler::Policy::default());
+        if decisions.placements.is_empty() && decisions.preemptions.is_empty() {
+            return;
+        }
+        let term = self.leader().map(|l| l.term()).unwrap_or(0);
+        let placements = decisions
+            .placements
+            .into_iter()
+            .map(|p| gantry_protocol::replicated::PlacementEntry {
+                job_id: p.job_id,
+                unit: p.unit,
+                agent_id: p.node.agent_id,
+                node: p.node.node,
+                gpus: p.gpus,
+                cpu_millis: p.cpu_millis,
+                memory_bytes: p.memory_bytes,
+            })
+            .collect();
+        if let Some(request_id) = self.propose_as_leader(Op::Place {
+            term,
+            placements,
+            preemptions: decisions.preemptions,
+        }) {
+            self.place_in_flight = Some((request_id, now));
+        }
+    }
+
+    /// No node is promised beyond its capacity and no GPU is held by two allocations.
+    fn check_capacity(&self, node_id: u64, state: &State) -> Result<(), String> {
+        let mut gpus_held: BTreeMap<(&str, &str), BTreeSet<u32>> = BTreeMap::new();
+        for allocation in state.allocations.values().filter(|a| !a.is_final()) {
+            let held = gpus_held
+                .entry((allocation.agent_id.as_str(), allocation.node.as_str()))
+                .or_default();
+            for gpu in &allocation.gpus {
+                if !held.insert(*gpu) {
+                    return Err(self.fail(format!(
+                        "node {node_id}: GPU {gpu} of {} is held twice",
+                        allocation.agent_id
+                    )));
+                }
+            }
+        }
+        let mut used: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
+        for allocation in state.allocations.values().filter(|a| !a.is_final()) {
+            let entry = used
+                .entry((allocation.agent_id.as_str(), allocation.node.as_str()))
+                .or_default();
+            entry.0 += allocation.cpu_millis;
+            entry.1 += allocation.memory_bytes;
+        }
+        for ((agent_id, node_name), (cpu_millis, memory_bytes)) in used {
+            let node = state
+                .agents
+                .get(agent_id)
+                .and_then(|a| a.register.nodes.iter().find(|n| n.name == node_name));
+            let Some(node) = node else {
+                return Err(self.fail(format!("node {node_id}: work is promised on {agent_id}/{node_name}, which does not exist")));
+            };
+            if cpu_millis > u64::from(node.cpu_cores) * 1000 || memory_bytes > node.memory_bytes {
+                return Err(self.fail(format!(
+                    "node {node_id}: {agent_id} is promised beyond its capacity"
+                )));
+            }
+            let held = gpus_held
+                .get(&(agent_id, node_name))
+                .cloned()
+                .unwrap_or_default();
+            if held
+                .iter()
+                .any(|gpu| !node.gpus.iter().any(|g| g.index == *gpu))
+            {
+                return Err(self.fail(format!(
+                    "node {node_id}: a GPU {agent_id} does not have is promised"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn run(mut self) -> Result<Report, String> {
         for _ in 0..self.config.fault_ticks {
             self.step(true)?;
         }
+        self.run_rest()?;
+        self.report.leaders_elected = self.leaders_by_term.len();
+        self.report.committed_entries = self.committed.len() as u64;
+        self.report.acknowledged = self.acknowledged.len();
+        Ok(self.report)
+    }
+
+    fn run_rest(&mut self) -> Result<(), String> {
         self.partition = None;
         for idx in 0..self.nodes.len() {
             self.crashing[idx] = false;
@@ -556,15 +866,30 @@ impl Sim {
             }
             self.step(false)?;
         }
+        // The fleet finishes the accepted work: every acknowledged job must reach a final state.
+        let mut ticks = 0;
+        while ticks < 4_000 && !self.all_acknowledged_jobs_final() {
+            ticks += 1;
+            self.step(false)?;
+        }
         // Quiet ticks, so that followers learn the final commit index from heartbeats.
         for _ in 0..50 {
             self.step(false)?;
         }
-        self.converged()?;
-        self.report.leaders_elected = self.leaders_by_term.len();
-        self.report.committed_entries = self.committed.len() as u64;
-        self.report.acknowledged = self.acknowledged.len();
-        Ok(self.report)
+        self.converged()
+    }
+
+    fn all_acknowledged_jobs_final(&self) -> bool {
+        let Some(node) = self.nodes.iter().flatten().find(|n| n.is_leader()) else {
+            return false;
+        };
+        let state = node.machine();
+        self.acknowledged.values().all(|job_id| {
+            state
+                .jobs
+                .get(job_id)
+                .is_some_and(|job| job.state.is_final())
+        })
     }
 
     fn converged(&self) -> Result<(), String> {
@@ -596,6 +921,15 @@ impl Sim {
                 return Err(self.fail(format!(
                     "acknowledged {key} as {job_id}, but the state has {} job(s) for it",
                     matching.len()
+                )));
+            }
+        }
+        for (key, job_id) in &self.acknowledged {
+            let job = &state.jobs[job_id];
+            if !job.state.is_final() {
+                return Err(self.fail(format!(
+                    "job {job_id} ({key}) is still {} after the faults stopped",
+                    job.state.as_str()
                 )));
             }
         }

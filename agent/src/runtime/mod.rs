@@ -63,9 +63,15 @@ pub enum RuntimeEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("the {runtime} runtime cannot run this unit: {reason}")]
-    Unsupported { runtime: &'static str, reason: String },
+    Unsupported {
+        runtime: &'static str,
+        reason: String,
+    },
     #[error("could not start {allocation_id}: {reason}")]
-    Start { allocation_id: String, reason: String },
+    Start {
+        allocation_id: String,
+        reason: String,
+    },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -97,7 +103,12 @@ pub trait Runtime: Send + Sync {
     fn running(&self) -> BoxFuture<'_, Vec<String>>;
 
     /// The last `bytes` of a unit's stdout or stderr.
-    fn logs(&self, allocation_id: &str, stderr: bool, bytes: u64) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
+    fn logs(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        bytes: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
 
     /// Stops everything (the agent is exiting): nothing may outlive the agent.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;

@@ -273,14 +273,24 @@ async fn write(
 }
 
 fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
-    let spec: serde_json::Value = serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
-    let text = |key: &str| spec.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-    let total = serde_json::from_str::<JobSpec>(&job.spec_json).map(|s| s.units()).unwrap_or(0);
+    let spec: serde_json::Value =
+        serde_json::from_str(&job.spec_json).unwrap_or(serde_json::Value::Null);
+    let text = |key: &str| {
+        spec.get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let total = serde_json::from_str::<JobSpec>(&job.spec_json)
+        .map(|s| s.units())
+        .unwrap_or(0);
     let allocations = allocations
         .iter()
         .map(|a| {
             let (exit_code, reason) = match &a.phase {
-                gantry_protocol::AllocationPhase::Failed { exit_code, reason } => (*exit_code, Some(reason.clone())),
+                gantry_protocol::AllocationPhase::Failed { exit_code, reason } => {
+                    (*exit_code, Some(reason.clone()))
+                }
                 gantry_protocol::AllocationPhase::Lost { reason } => (None, Some(reason.clone())),
                 gantry_protocol::AllocationPhase::Succeeded => (Some(0), None),
                 _ => (None, None),
@@ -296,7 +306,12 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
                 reason,
                 gpus: a.gpus.clone(),
                 port: a.port,
-                restarts: job.retries.get(&a.unit).copied().unwrap_or(0).max(job.restarts),
+                restarts: job
+                    .retries
+                    .get(&a.unit)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(job.restarts),
                 stop_requested: a.stop_requested,
             }
         })
@@ -311,7 +326,10 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
         idempotency_key: job.idempotency_key.clone(),
-        progress: Progress { succeeded: job.succeeded_units.len() as u32, total },
+        progress: Progress {
+            succeeded: job.succeeded_units.len() as u32,
+            total,
+        },
         restarts: job.restarts,
         failure: job.failure.clone(),
         allocations,
@@ -596,17 +614,29 @@ async fn explain_job(
                     unit: u.unit,
                     reason: u.explanation.reason,
                     nodes_total: u.explanation.nodes_total,
-                    filtered: u.explanation.filtered.into_iter().map(|(filter, nodes)| FilterCount { filter, nodes }).collect(),
+                    filtered: u
+                        .explanation
+                        .filtered
+                        .into_iter()
+                        .map(|(filter, nodes)| FilterCount { filter, nodes })
+                        .collect(),
                     candidates: u
                         .explanation
                         .candidates
                         .into_iter()
-                        .map(|(node, score)| CandidateView { node: format!("{}/{}", node.agent_id, node.node), score })
+                        .map(|(node, score)| CandidateView {
+                            node: format!("{}/{}", node.agent_id, node.node),
+                            score,
+                        })
                         .collect(),
                 })
                 .collect(),
         })),
-        Answer::Explain(None, _) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))),
+        Answer::Explain(None, _) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {id}"),
+        )),
         _ => unreachable!("an explain query answers an explanation"),
     }
 }
@@ -621,15 +651,38 @@ async fn list_quotas(
     }
 }
 
-async fn set_quota(State(state): State<Arc<ApiState>>, Path(team): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn set_quota(
+    State(state): State<Arc<ApiState>>,
+    Path(team): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let request: SetQuotaRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return ApiError::invalid_field("gpus", format!("expected {{\"gpus\": N}} or {{\"gpus\": null}}: {e}")).into_response(),
+        Err(e) => {
+            return ApiError::invalid_field(
+                "gpus",
+                format!("expected {{\"gpus\": N}} or {{\"gpus\": null}}: {e}"),
+            )
+            .into_response()
+        }
     };
-    if team.is_empty() || team.len() > 63 || !team.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-        return ApiError::invalid_field("team", "must be 1 to 63 lowercase letters, digits or '-'").into_response();
+    if team.is_empty()
+        || team.len() > 63
+        || !team
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return ApiError::invalid_field("team", "must be 1 to 63 lowercase letters, digits or '-'")
+            .into_response();
     }
     let path = format!("/v1/quotas/{team}");
-    let op = Op::SetQuota { team: team.clone(), gpus: request.gpus };
-    write(&state, op, (Method::PUT, &path, &headers, body), |_| Json(serde_json::json!({ "team": team, "gpus": request.gpus })).into_response()).await
+    let op = Op::SetQuota {
+        team: team.clone(),
+        gpus: request.gpus,
+    };
+    write(&state, op, (Method::PUT, &path, &headers, body), |_| {
+        Json(serde_json::json!({ "team": team, "gpus": request.gpus })).into_response()
+    })
+    .await
 }

@@ -52,13 +52,19 @@ pub struct Allocation {
 
 impl Allocation {
     pub fn is_final(&self) -> bool {
-        matches!(self.phase, AllocationPhase::Succeeded | AllocationPhase::Failed { .. } | AllocationPhase::Lost { .. })
+        matches!(
+            self.phase,
+            AllocationPhase::Succeeded
+                | AllocationPhase::Failed { .. }
+                | AllocationPhase::Lost { .. }
+        )
     }
 
     pub fn state_name(&self) -> &'static str {
         match self.phase {
             AllocationPhase::Pending => "pending",
             AllocationPhase::Running => "running",
+            AllocationPhase::Healthy => "healthy",
             AllocationPhase::Succeeded => "succeeded",
             AllocationPhase::Failed { .. } => "failed",
             AllocationPhase::Lost { .. } => "lost",
@@ -71,8 +77,13 @@ fn spec_of(spec_json: &str) -> Option<JobSpec> {
 }
 
 impl State {
-    fn active_allocations_of<'a>(&'a self, job_id: &'a str) -> impl Iterator<Item = &'a Allocation> + 'a {
-        self.allocations.values().filter(move |a| a.job_id == job_id && !a.is_final())
+    fn active_allocations_of<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.allocations
+            .values()
+            .filter(move |a| a.job_id == job_id && !a.is_final())
     }
 
     /// Units of `job` that want a placement now; `now_unix_ms` holds back retries in backoff.
@@ -114,10 +125,17 @@ impl State {
     pub fn queue(&self, now_unix_ms: u64) -> Vec<QueuedJob> {
         let mut queue = Vec::new();
         for job in self.jobs.values().filter(|j| !j.state.is_final()) {
-            let Some(spec) = spec_of(&job.spec_json) else { continue };
+            let Some(spec) = spec_of(&job.spec_json) else {
+                continue;
+            };
             let units = self.wanted_units(&job.id, &spec, Some(now_unix_ms));
             if !units.is_empty() {
-                queue.push(QueuedJob { job_id: job.id.clone(), spec, units, order: job.index });
+                queue.push(QueuedJob {
+                    job_id: job.id.clone(),
+                    spec,
+                    units,
+                    order: job.index,
+                });
             }
         }
         queue
@@ -130,7 +148,10 @@ impl State {
             let register = &agent.register;
             let runtimes: Vec<RuntimeKind> = register.runtimes.iter().map(|r| r.kind).collect();
             for node in &register.nodes {
-                let key = NodeKey { agent_id: agent_id.clone(), node: node.name.clone() };
+                let key = NodeKey {
+                    agent_id: agent_id.clone(),
+                    node: node.name.clone(),
+                };
                 nodes.insert(
                     key.clone(),
                     NodeState {
@@ -144,7 +165,11 @@ impl State {
                         gpus: node
                             .gpus
                             .iter()
-                            .map(|g| GpuSlot { index: g.index, model: g.model.clone(), memory_bytes: g.memory_bytes })
+                            .map(|g| GpuSlot {
+                                index: g.index,
+                                model: g.model.clone(),
+                                memory_bytes: g.memory_bytes,
+                            })
                             .collect(),
                         cost_per_gpu_hour: register.cost_per_gpu_hour,
                         cost_per_cpu_hour: register.cost_per_cpu_hour,
@@ -157,7 +182,10 @@ impl State {
         }
         let mut running = Vec::new();
         for allocation in self.allocations.values().filter(|a| !a.is_final()) {
-            let key = NodeKey { agent_id: allocation.agent_id.clone(), node: allocation.node.clone() };
+            let key = NodeKey {
+                agent_id: allocation.agent_id.clone(),
+                node: allocation.node.clone(),
+            };
             if let Some(node) = nodes.get_mut(&key) {
                 node.used_cpu_millis += allocation.cpu_millis;
                 node.used_memory_bytes += allocation.memory_bytes;
@@ -181,7 +209,11 @@ impl State {
                 gpus: allocation.gpus.clone(),
             });
         }
-        ClusterView { nodes: nodes.into_values().collect(), running, team_gpu_quota: self.quotas.clone() }
+        ClusterView {
+            nodes: nodes.into_values().collect(),
+            running,
+            team_gpu_quota: self.quotas.clone(),
+        }
     }
 
     /// Applies one pass of placements, each checked against the state as it is now; a training
@@ -195,17 +227,26 @@ impl State {
         preemptions: &[String],
     ) -> (usize, usize) {
         for allocation_id in preemptions {
-            if let Some(allocation) = self.allocations.get_mut(allocation_id).filter(|a| !a.is_final()) {
+            if let Some(allocation) = self
+                .allocations
+                .get_mut(allocation_id)
+                .filter(|a| !a.is_final())
+            {
                 allocation.stop_requested = true;
                 allocation.preempted = true;
-                allocation.phase = AllocationPhase::Lost { reason: "preempted by higher-priority work".into() };
+                allocation.phase = AllocationPhase::Lost {
+                    reason: "preempted by higher-priority work".into(),
+                };
                 allocation.updated_at_unix_ms = at;
             }
         }
         let mut view = self.cluster_view();
         let mut by_job: BTreeMap<&str, Vec<&PlacementEntry>> = BTreeMap::new();
         for placement in placements {
-            by_job.entry(placement.job_id.as_str()).or_default().push(placement);
+            by_job
+                .entry(placement.job_id.as_str())
+                .or_default()
+                .push(placement);
         }
         let (mut placed, mut rejected) = (0, 0);
         // GPUs promised to each team earlier in this entry (not yet in `view.running`).
@@ -219,7 +260,8 @@ impl State {
                 rejected += entries.len();
                 continue;
             };
-            let wanted: BTreeSet<u32> = self.wanted_units(job_id, &spec, None).into_iter().collect();
+            let wanted: BTreeSet<u32> =
+                self.wanted_units(job_id, &spec, None).into_iter().collect();
             if let Some(&quota) = self.quotas.get(&spec.team) {
                 let held: u64 = view
                     .running
@@ -235,7 +277,10 @@ impl State {
                 }
             }
             let mut trial = view.clone();
-            let fits: Vec<bool> = entries.iter().map(|entry| wanted.contains(&entry.unit) && reserve(&mut trial, entry, &spec)).collect();
+            let fits: Vec<bool> = entries
+                .iter()
+                .map(|entry| wanted.contains(&entry.unit) && reserve(&mut trial, entry, &spec))
+                .collect();
             let whole = spec.kind == JobKind::Training;
             if whole && (fits.iter().any(|f| !f) || entries.len() != wanted.len()) {
                 rejected += entries.len();
@@ -251,29 +296,52 @@ impl State {
                 }
             }
             placed += accepted.len();
-            *placed_gpus.entry(spec.team.clone()).or_insert(0) += accepted.iter().map(|e| e.gpus.len() as u64).sum::<u64>();
+            *placed_gpus.entry(spec.team.clone()).or_insert(0) +=
+                accepted.iter().map(|e| e.gpus.len() as u64).sum::<u64>();
             self.create_allocations(index, term, at, &spec, job_id, &accepted);
         }
         (placed, rejected)
     }
 
-    fn create_allocations(&mut self, index: u64, term: u64, at: u64, spec: &JobSpec, job_id: &str, entries: &[PlacementEntry]) {
+    fn create_allocations(
+        &mut self,
+        index: u64,
+        term: u64,
+        at: u64,
+        spec: &JobSpec,
+        job_id: &str,
+        entries: &[PlacementEntry],
+    ) {
         // Ports in use per node, for serving replicas.
         let mut ports: BTreeMap<(String, String), BTreeSet<u16>> = BTreeMap::new();
         for allocation in self.allocations.values().filter(|a| !a.is_final()) {
             if let Some(port) = allocation.port {
-                ports.entry((allocation.agent_id.clone(), allocation.node.clone())).or_default().insert(port);
+                ports
+                    .entry((allocation.agent_id.clone(), allocation.node.clone()))
+                    .or_default()
+                    .insert(port);
             }
         }
         // The gang's rendezvous: rank 0's node, and each worker's position among its nodes.
-        let master = entries.iter().find(|e| e.unit == 0).map(|e| (e.agent_id.clone(), e.node.clone()));
+        let master = entries
+            .iter()
+            .find(|e| e.unit == 0)
+            .map(|e| (e.agent_id.clone(), e.node.clone()));
         let master_addr = master
             .as_ref()
-            .and_then(|(agent_id, node)| self.agents.get(agent_id).and_then(|a| a.register.nodes.iter().find(|n| &n.name == node)))
+            .and_then(|(agent_id, node)| {
+                self.agents
+                    .get(agent_id)
+                    .and_then(|a| a.register.nodes.iter().find(|n| &n.name == node))
+            })
             .map(|n| n.hostname.clone())
             .unwrap_or_else(|| "127.0.0.1".into());
-        let gang_nodes: Vec<(String, String)> =
-            entries.iter().map(|e| (e.agent_id.clone(), e.node.clone())).collect::<BTreeSet<_>>().into_iter().collect();
+        let gang_nodes: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| (e.agent_id.clone(), e.node.clone()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let job = self.jobs.get_mut(job_id).expect("checked by the caller");
         for entry in entries {
             let attempt = job.attempts.entry(entry.unit).or_insert(0);
@@ -285,7 +353,12 @@ impl State {
             match spec.kind {
                 JobKind::Training => {
                     let node_rank = gang_nodes.iter().position(|n| *n == node_key).unwrap_or(0);
-                    let local_rank = entries.iter().filter(|e| (e.agent_id.clone(), e.node.clone()) == node_key && e.unit < entry.unit).count();
+                    let local_rank = entries
+                        .iter()
+                        .filter(|e| {
+                            (e.agent_id.clone(), e.node.clone()) == node_key && e.unit < entry.unit
+                        })
+                        .count();
                     env.insert("RANK".into(), entry.unit.to_string());
                     env.insert("WORLD_SIZE".into(), spec.units().to_string());
                     env.insert("LOCAL_RANK".into(), local_rank.to_string());
@@ -299,7 +372,10 @@ impl State {
                 }
                 JobKind::Serving => {
                     let used = ports.entry(node_key.clone()).or_default();
-                    let free = SERVING_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(SERVING_PORTS.start);
+                    let free = SERVING_PORTS
+                        .clone()
+                        .find(|p| !used.contains(p))
+                        .unwrap_or(SERVING_PORTS.start);
                     used.insert(free);
                     port = Some(free);
                     env.insert("PORT".into(), free.to_string());
@@ -338,14 +414,21 @@ impl State {
 
     /// An agent's report. Only forward moves count; a report about a final allocation changes
     /// nothing.
-    pub(crate) fn apply_allocation_update(&mut self, allocation_id: &str, phase: &AllocationPhase, at: u64) {
-        let Some(allocation) = self.allocations.get_mut(allocation_id) else { return };
+    pub(crate) fn apply_allocation_update(
+        &mut self,
+        allocation_id: &str,
+        phase: &AllocationPhase,
+        at: u64,
+    ) {
+        let Some(allocation) = self.allocations.get_mut(allocation_id) else {
+            return;
+        };
         if allocation.is_final() {
             return;
         }
-        match (&allocation.phase, phase) {
-            (_, AllocationPhase::Pending) | (AllocationPhase::Running, AllocationPhase::Running) => return,
-            _ => {}
+        // Forward only, except that a replica may go from healthy back to running (unhealthy).
+        if *phase == AllocationPhase::Pending || allocation.phase == *phase {
+            return;
         }
         allocation.phase = phase.clone();
         allocation.updated_at_unix_ms = at;
@@ -357,16 +440,26 @@ impl State {
 
     /// Every unfinished allocation on a down agent is lost.
     pub(crate) fn agent_lost(&mut self, agent_id: &str, at: u64) {
-        let lost: Vec<String> =
-            self.allocations.values().filter(|a| a.agent_id == agent_id && !a.is_final()).map(|a| a.id.clone()).collect();
+        let lost: Vec<String> = self
+            .allocations
+            .values()
+            .filter(|a| a.agent_id == agent_id && !a.is_final())
+            .map(|a| a.id.clone())
+            .collect();
         for allocation_id in lost {
-            let phase = AllocationPhase::Lost { reason: format!("agent {agent_id} is down") };
+            let phase = AllocationPhase::Lost {
+                reason: format!("agent {agent_id} is down"),
+            };
             self.apply_allocation_update(&allocation_id, &phase, at);
         }
     }
 
     pub(crate) fn stop_job_allocations(&mut self, job_id: &str, at: u64) {
-        for allocation in self.allocations.values_mut().filter(|a| a.job_id == job_id && !a.is_final()) {
+        for allocation in self
+            .allocations
+            .values_mut()
+            .filter(|a| a.job_id == job_id && !a.is_final())
+        {
             if !allocation.stop_requested {
                 allocation.stop_requested = true;
                 allocation.updated_at_unix_ms = at;
@@ -385,11 +478,15 @@ impl State {
 
     /// What a unit's end means for its job.
     fn unit_ended(&mut self, allocation: &Allocation, at: u64) {
-        let Some(job) = self.jobs.get(&allocation.job_id) else { return };
+        let Some(job) = self.jobs.get(&allocation.job_id) else {
+            return;
+        };
         if job.state.is_final() || allocation.preempted || allocation.stop_requested {
             return;
         }
-        let Some(spec) = spec_of(&job.spec_json) else { return };
+        let Some(spec) = spec_of(&job.spec_json) else {
+            return;
+        };
         let job_id = allocation.job_id.clone();
         let succeeded = allocation.phase == AllocationPhase::Succeeded;
         let describe = || match &allocation.phase {
@@ -415,7 +512,12 @@ impl State {
                 *retries += 1;
                 let max_retries = spec.batch.as_ref().map(|b| b.max_retries).unwrap_or(0);
                 if *retries > max_retries {
-                    let reason = format!("shard {} failed {} time(s), more than max_retries {max_retries}: {}", allocation.unit, *retries, describe());
+                    let reason = format!(
+                        "shard {} failed {} time(s), more than max_retries {max_retries}: {}",
+                        allocation.unit,
+                        *retries,
+                        describe()
+                    );
                     self.fail_job(&job_id, reason, at);
                 }
             }
@@ -454,15 +556,30 @@ impl State {
 /// Takes `entry`'s resources on its node in `view`, if they are there: the node exists and is
 /// ready, has the CPU and memory, the GPUs exist, are free and are of the spec's model.
 fn reserve(view: &mut ClusterView, entry: &PlacementEntry, spec: &JobSpec) -> bool {
-    let key = NodeKey { agent_id: entry.agent_id.clone(), node: entry.node.clone() };
-    let Some(node) = view.nodes.iter_mut().find(|n| n.key == key) else { return false };
+    let key = NodeKey {
+        agent_id: entry.agent_id.clone(),
+        node: entry.node.clone(),
+    };
+    let Some(node) = view.nodes.iter_mut().find(|n| n.key == key) else {
+        return false;
+    };
     let needs_container = spec.image.is_some();
-    let runtime_ok = node.runtimes.iter().any(|r| !needs_container || *r != RuntimeKind::Process);
+    let runtime_ok = node
+        .runtimes
+        .iter()
+        .any(|r| !needs_container || *r != RuntimeKind::Process);
     let gpus_ok = entry.gpus.len() as u32 == spec.resources.n_gpus
         && entry.gpus.iter().collect::<BTreeSet<_>>().len() == entry.gpus.len()
         && entry.gpus.iter().all(|index| {
             !node.used_gpus.contains(index)
-                && node.gpus.iter().any(|g| g.index == *index && spec.resources.gpu_model.as_ref().is_none_or(|m| &g.model == m))
+                && node.gpus.iter().any(|g| {
+                    g.index == *index
+                        && spec
+                            .resources
+                            .gpu_model
+                            .as_ref()
+                            .is_none_or(|m| &g.model == m)
+                })
         });
     let fits = node.ready
         && runtime_ok

@@ -301,14 +301,27 @@ impl State {
                 }
                 Outcome::AgentRecorded
             }
-            Op::Place { term, placements, preemptions } => {
-                let (placed, rejected) = self.apply_place(index, *term, at, placements, preemptions);
+            Op::Place {
+                term,
+                placements,
+                preemptions,
+            } => {
+                let (placed, rejected) =
+                    self.apply_place(index, *term, at, placements, preemptions);
                 if placed > 0 {
-                    self.audit(index, at, actor, format!("placed {placed} unit(s), {rejected} no longer fit"));
+                    self.audit(
+                        index,
+                        at,
+                        actor,
+                        format!("placed {placed} unit(s), {rejected} no longer fit"),
+                    );
                 }
                 Outcome::Placed { placed, rejected }
             }
-            Op::AllocationUpdate { allocation_id, phase } => {
+            Op::AllocationUpdate {
+                allocation_id,
+                phase,
+            } => {
                 self.apply_allocation_update(allocation_id, phase, at);
                 Outcome::AgentRecorded
             }
@@ -317,7 +330,12 @@ impl State {
                     Some(gpus) => self.quotas.insert(team.clone(), *gpus),
                     None => self.quotas.remove(team),
                 };
-                self.audit(index, at, actor, format!("quota of team {team}: {gpus:?} GPUs"));
+                self.audit(
+                    index,
+                    at,
+                    actor,
+                    format!("quota of team {team}: {gpus:?} GPUs"),
+                );
                 Outcome::QuotaSet
             }
         }

@@ -1,0 +1,199 @@
+//! Tiny jobs end to end: one coordinator and one agent (process runtime) on this host; N batch
+//! jobs each running `true` are submitted by concurrent clients, and the clock stops when every
+//! one has succeeded. Reports jobs per second from first submit to last success.
+//!
+//! cargo bench --bench tiny_jobs -- [--jobs 1000] [--clients 32]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} needs a number")),
+        None => default,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    for a in std::env::args().skip(1) {
+        if a.starts_with("--") && !["--jobs", "--clients", "--bench"].contains(&a.as_str()) {
+            panic!("unknown argument {a}");
+        }
+    }
+    let n_jobs = arg("--jobs", 1000);
+    let n_clients = arg("--clients", 32);
+    let gantry = env!("CARGO_BIN_EXE_gantry");
+    let dir = tempfile::tempdir().unwrap();
+    let quic: SocketAddr = format!("127.0.0.1:{}", free_port(true)).parse().unwrap();
+    let http = format!("127.0.0.1:{}", free_port(false));
+    let _coordinator = Guard(
+        Command::new(gantry)
+            .args([
+                "coordinator",
+                "--init",
+                "--listen",
+                &quic.to_string(),
+                "--http",
+                &http,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("c"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    while !dir.path().join("c/admin.token").exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = std::fs::read_to_string(dir.path().join("c/admin.token")).unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let token = loop {
+        let answer = client
+            .post(format!("http://{http}/v1/tokens"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"role": "agent"}))
+            .send()
+            .await;
+        if let Ok(response) = answer {
+            let body: serde_json::Value = response.json().await.unwrap();
+            break body["token"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    std::fs::write(dir.path().join("agent.toml"), "allow_process = true\n").unwrap();
+    let _agent = Guard(
+        Command::new(gantry)
+            .args([
+                "agent",
+                "--coordinator",
+                &quic.to_string(),
+                "--join",
+                &token,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("a"))
+            .arg("--config")
+            .arg(dir.path().join("agent.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    loop {
+        let nodes: serde_json::Value = client
+            .get(format!("http://{http}/v1/nodes"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if nodes
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["status"] == "ready"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..n_clients {
+        let (client, http, admin, next) =
+            (client.clone(), http.clone(), admin.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n_jobs {
+                    return;
+                }
+                let spec = serde_json::json!({"name": format!("tiny-{i}"), "kind": "batch", "command": ["true"],
+                    "resources": {"cpus": 0.01, "memory": "1MiB"}});
+                let response = client.post(format!("http://{http}/v1/jobs")).bearer_auth(&admin).json(&spec).send().await.unwrap();
+                assert_eq!(response.status(), 201);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let submitted = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let finished = loop {
+        let jobs: serde_json::Value = client
+            .get(format!("http://{http}/v1/jobs?stale=true"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let done = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "succeeded")
+            .count();
+        let failed = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "failed")
+            .count();
+        assert_eq!(failed, 0, "a tiny job failed");
+        if done == n_jobs {
+            break started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n_jobs} jobs finished in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("jobs                 {n_jobs} (each `true`, process runtime, one host)");
+    println!("all submitted after  {:.2} s", submitted.as_secs_f64());
+    println!("all succeeded after  {:.2} s", finished.as_secs_f64());
+    println!(
+        "throughput           {:.0} jobs/s",
+        n_jobs as f64 / finished.as_secs_f64()
+    );
+}
