@@ -540,7 +540,7 @@ impl Sim {
             let applied = node.applied();
             // Encoding the whole state is the costly part of checking; every eighth applied index is
             // compared (all nodes pass through the same indexes, so every node is compared there).
-            if applied != self.last_checked_applied[idx] && applied % 8 == 0 {
+            if applied != self.last_checked_applied[idx] && applied.is_multiple_of(8) {
                 self.last_checked_applied[idx] = applied;
                 self.check_capacity(node.id(), node.machine())?;
                 let state = node.machine().encode_snapshot();
@@ -743,7 +743,7 @@ impl Sim {
                 return;
             }
         }
-        if now % 3 != 0 {
+        if !now.is_multiple_of(3) {
             return;
         }
         let Some(leader) = self.nodes.iter().flatten().find(|node| node.is_leader()) else {
