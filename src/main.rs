@@ -87,6 +87,14 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Give a serving job a new spec; its replicas roll over to it (max_surge, max_unavailable).
+    Update {
+        job: String,
+        /// The new spec (YAML, TOML or JSON), with the job's name and team.
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Cancel a job.
     Cancel {
         job: String,
@@ -330,6 +338,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Jobs { output, api } => list_jobs(&api, output).await,
         Command::Status { job, output, api } => job_status(&api, &job, output).await,
         Command::Cancel { job, api } => cancel(&api, &job).await,
+        Command::Update { job, file, api } => update(&api, &job, &file).await,
         Command::Cluster { command, api } => cluster(&api, command).await,
         Command::Explain { job, output, api } => explain(&api, &job, output).await,
         Command::Quota { command, api } => quota(&api, command).await,
@@ -776,5 +785,25 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
             print_table(&["TEAM", "GPUS"], &rows);
         }
     }
+    Ok(())
+}
+
+async fn update(api: &ApiArgs, job: &str, file: &Path) -> Result<()> {
+    use gantry_protocol::jobspec::{parse_spec, SpecFormat};
+    let format = SpecFormat::from_path(file).with_context(|| {
+        format!(
+            "{}: name the file .yaml, .yml, .toml or .json so its format is known",
+            file.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("read job file {}", file.display()))?;
+    let spec = parse_spec(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let answer: serde_json::Value = client.put(&format!("/v1/jobs/{job}"), &spec).await?;
+    eprintln!(
+        "{job} is at generation {}; its replicas roll over",
+        answer["generation"]
+    );
     Ok(())
 }

@@ -18,12 +18,13 @@ struct Fleet {
     _coordinator: ChildGuard,
     agents: Vec<Option<ChildGuard>>,
     http: reqwest::Client,
+    serving_ports: (u16, u16),
 }
 
 const AGENTS: [(&str, &str); 3] = [
-    ("onprem", "name = \"onprem\"\nsite = \"onprem-a\"\nkind = \"on-prem\"\ncost_per_gpu_hour = 1.0\nallow_process = true\n[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 4\n"),
-    ("cloud", "name = \"cloud\"\nsite = \"cloud-b\"\nkind = \"cloud\"\ncost_per_gpu_hour = 3.0\nallow_process = true\n[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 4\n"),
-    ("cpu", "name = \"cpu\"\nsite = \"onprem-a\"\nkind = \"on-prem\"\ncost_per_cpu_hour = 0.01\nallow_process = true\n"),
+    ("onprem", "name = \"onprem\"\nsite = \"onprem-a\"\nkind = \"on-prem\"\ncost_per_gpu_hour = 1.0\nallow_process = true\nserving_port_min = PORTMIN\nserving_port_max = PORTMAX\n[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 4\n"),
+    ("cloud", "name = \"cloud\"\nsite = \"cloud-b\"\nkind = \"cloud\"\ncost_per_gpu_hour = 3.0\nallow_process = true\nserving_port_min = PORTMIN\nserving_port_max = PORTMAX\n[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 4\n"),
+    ("cpu", "name = \"cpu\"\nsite = \"onprem-a\"\nkind = \"on-prem\"\ncost_per_cpu_hour = 0.01\nallow_process = true\nserving_port_min = PORTMIN\nserving_port_max = PORTMAX\n"),
 ];
 
 impl Fleet {
@@ -66,6 +67,11 @@ impl Fleet {
             _coordinator: coordinator,
             agents: Vec::new(),
             http: reqwest::Client::new(),
+            serving_ports: {
+                // A port the kernel just handed out, and the few after it.
+                let base = free_tcp_port().min(65_000);
+                (base, base + 20)
+            },
         };
         let join = eventually("an agent join token", Duration::from_secs(20), || async {
             let response = fleet
@@ -99,6 +105,10 @@ impl Fleet {
 
     fn start_agent(&self, name: &str, config: &str, token: Option<&str>) -> ChildGuard {
         let config_path = self.dir.path().join(format!("{name}.toml"));
+        // Serving ports from a range no other test run on this host is using.
+        let config = config
+            .replace("PORTMIN", &self.serving_ports.0.to_string())
+            .replace("PORTMAX", &self.serving_ports.1.to_string());
         std::fs::write(&config_path, config).unwrap();
         let mut command = gantry();
         command
@@ -300,6 +310,45 @@ async fn training_batch_and_serving_run_as_real_processes() {
         job.allocations.iter().map(|a| &a.agent).collect();
     assert_eq!(nodes.len(), 2, "replicas spread over nodes: {job:?}");
     assert!(job.allocations.iter().all(|a| a.port.is_some()));
+
+    // A new spec rolls the replicas over, one at a time (max_surge 1, max_unavailable 0).
+    let updated = fleet
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/jobs/{serving}"),
+            Some(serde_json::json!({
+                "name": "serve", "kind": "serving", "env": { "VERSION": "2" },
+                "command": ["sh", "-c", "exec python3 -m http.server --bind 127.0.0.1 $PORT"],
+                "resources": { "cpus": 0.1, "memory": "64MiB" },
+                "serving": { "replicas": 2, "health": "/", "max_surge": 1, "max_unavailable": 0 }
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated["generation"], 1, "{updated}");
+    eventually(
+        "the replicas to roll over to generation 1",
+        Duration::from_secs(90),
+        || async {
+            let job = fleet.job(&serving).await;
+            let live: Vec<_> = job
+                .allocations
+                .iter()
+                .filter(|a| !["succeeded", "failed", "lost"].contains(&a.state.as_str()))
+                .collect();
+            let healthy_now = live.iter().filter(|a| a.state == "healthy").count();
+            assert!(
+                healthy_now >= 1,
+                "a rollout with max_unavailable 0 keeps replicas serving: {job:?}"
+            );
+            (live.len() == 2
+                && live
+                    .iter()
+                    .all(|a| a.generation == 1 && a.state == "healthy"))
+            .then_some(())
+        },
+    )
+    .await;
     fleet
         .request(
             reqwest::Method::DELETE,

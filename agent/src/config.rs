@@ -48,6 +48,11 @@ pub struct AgentConfig {
     pub cost_per_cpu_hour: f64,
     #[serde(default)]
     pub allow_process: bool,
+    /// Ports serving replicas may be given on this host, inclusive (like Nomad's dynamic ports).
+    #[serde(default = "default_serving_port_min")]
+    pub serving_port_min: u16,
+    #[serde(default = "default_serving_port_max")]
+    pub serving_port_max: u16,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -62,6 +67,14 @@ pub struct DeclaredGpus {
     pub memory: String,
     #[serde(default = "one")]
     pub count: u32,
+}
+
+fn default_serving_port_min() -> u16 {
+    31_000
+}
+
+fn default_serving_port_max() -> u16 {
+    32_999
 }
 
 fn default_site() -> String {
@@ -87,6 +100,8 @@ impl Default for AgentConfig {
             cost_per_gpu_hour: 0.0,
             cost_per_cpu_hour: 0.0,
             allow_process: false,
+            serving_port_min: default_serving_port_min(),
+            serving_port_max: default_serving_port_max(),
             labels: BTreeMap::new(),
             gpus: Vec::new(),
         }
@@ -156,6 +171,15 @@ impl AgentConfig {
                     format!("must be a non-negative number, got {cost}"),
                 ));
             }
+        }
+        if self.serving_port_min == 0 || self.serving_port_min > self.serving_port_max {
+            return Err(invalid(
+                "serving_port_min".into(),
+                format!(
+                    "must be at least 1 and at most serving_port_max ({}), got {}",
+                    self.serving_port_max, self.serving_port_min
+                ),
+            ));
         }
         for (i, group) in self.gpus.iter().enumerate() {
             if group.model.trim().is_empty() {

@@ -75,6 +75,7 @@ fn register_message(
         labels: config.labels.clone(),
         runtimes: runtimes.to_vec(),
         nodes: vec![fingerprint::local_node(config, data_dir)],
+        serving_ports: (config.serving_port_min, config.serving_port_max),
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Register {
     pub labels: BTreeMap<String, String>,
     pub runtimes: Vec<RuntimeReport>,
     pub nodes: Vec<NodeCapacity>,
+    /// Ports the coordinator may give serving replicas on this agent's hosts, inclusive.
+    pub serving_ports: (u16, u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,6 +402,7 @@ mod tests {
                 detail: "ping ok".into(),
             }],
             nodes: vec![node()],
+            serving_ports: (31_000, 32_999),
         }));
         round_trip(AgentMessage::Heartbeat(Heartbeat { seq: u64::MAX }));
         for phase in [

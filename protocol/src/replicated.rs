@@ -56,6 +56,12 @@ pub enum Op {
         allocation_id: String,
         phase: crate::AllocationPhase,
     },
+    /// A new spec for a serving job: its replicas roll over to it within the job's surge and
+    /// unavailability bounds.
+    UpdateJob {
+        job_id: String,
+        spec_json: String,
+    },
     /// A team's GPU quota; `None` removes the limit.
     SetQuota {
         team: String,

@@ -171,6 +171,7 @@ fn register(name: &str, n_gpus: u32) -> gantry_protocol::Register {
             kind: gantry_protocol::RuntimeKind::Process,
             detail: "sim".into(),
         }],
+        serving_ports: (31_000, 32_999),
         nodes: vec![gantry_protocol::NodeCapacity {
             name: "local".into(),
             hostname: name.into(),

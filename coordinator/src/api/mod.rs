@@ -120,7 +120,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/tokens", post(create_token))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route(
+            "/v1/jobs/{id}",
+            get(get_job).delete(cancel_job).put(update_job),
+        )
         .route("/v1/jobs/{id}/explain", get(explain_job))
         .route("/v1/quotas", get(list_quotas))
         .route("/v1/quotas/{team}", axum::routing::put(set_quota))
@@ -313,6 +316,7 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
                     .unwrap_or(0)
                     .max(job.restarts),
                 stop_requested: a.stop_requested,
+                generation: a.generation,
             }
         })
         .collect();
@@ -331,6 +335,7 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
             total,
         },
         restarts: job.restarts,
+        generation: job.generation,
         failure: job.failure.clone(),
         allocations,
         spec,
@@ -684,5 +689,65 @@ async fn set_quota(
     write(&state, op, (Method::PUT, &path, &headers, body), |_| {
         Json(serde_json::json!({ "team": team, "gpus": request.gpus })).into_response()
     })
+    .await
+}
+
+async fn update_job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => {
+            return ApiError::invalid_field("body", format!("the body is not JSON: {e}"))
+                .into_response()
+        }
+    };
+    let spec: JobSpec = match jobspec::from_json_value(value) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let field = if e.field.is_empty() {
+                "body".to_string()
+            } else {
+                e.field.clone()
+            };
+            return ApiError::invalid_field(&field, e.to_string()).into_response();
+        }
+    };
+    let path = format!("/v1/jobs/{id}");
+    let op = Op::UpdateJob {
+        job_id: id.clone(),
+        spec_json: spec.canonical_json(),
+    };
+    write(
+        &state,
+        op,
+        (Method::PUT, &path, &headers, body),
+        |outcome| match outcome {
+            Outcome::JobUpdated { job_id, generation } => {
+                Json(serde_json::json!({ "id": job_id, "generation": generation })).into_response()
+            }
+            Outcome::JobNotFound { job_id } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no job {job_id}"),
+            )
+            .into_response(),
+            Outcome::UpdateRefused { job_id, reason } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("job {job_id} cannot take this spec: {reason}"),
+            )
+            .into_response(),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into_response(),
+        },
+    )
     .await
 }

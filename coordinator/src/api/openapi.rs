@@ -77,6 +77,12 @@ pub fn spec() -> Value {
             "/v1/jobs/{id}": {
                 "get": { "summary": "One job.", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }, stale_parameter()],
                     "responses": { "200": ok("The job.", schema("Job")), "404": error_response("No such job."), "401": unauthorized.clone(), "503": unavailable.clone() } },
+                "put": { "summary": "Give a serving job a new spec; its replicas roll over within max_surge and max_unavailable.",
+                    "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": schema("JobSpec") } } },
+                    "responses": { "200": ok("Updated.", json!({ "type": "object" })), "400": error_response("The spec is invalid."),
+                        "404": error_response("No such job."), "409": error_response("Not a running serving job, or the name or team changed."),
+                        "401": unauthorized.clone(), "503": unavailable.clone() } },
                 "delete": { "summary": "Cancel a job.", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
                     "responses": { "200": ok("Cancelled.", json!({ "type": "object" })), "404": error_response("No such job."),
                         "409": error_response("The job already ended."), "401": unauthorized.clone(), "503": unavailable.clone() } }

@@ -115,6 +115,8 @@ pub struct JobView {
     pub progress: Progress,
     /// Times the training gang was placed again.
     pub restarts: u32,
+    /// Bumped by each spec update (serving jobs roll over to it).
+    pub generation: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
     /// Every allocation the job has had, oldest first per unit.
@@ -147,6 +149,8 @@ pub struct AllocationView {
     /// Retries of this unit so far (batch shards, serving replicas), or the gang's restarts.
     pub restarts: u32,
     pub stop_requested: bool,
+    /// The job's spec generation this allocation runs.
+    pub generation: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,14 +7,14 @@
 //! queue's retry backoff, outside apply) the leader's clock passed in.
 
 use super::scheduler::{ClusterView, GpuSlot, NodeKey, NodeState, QueuedJob, RunningUnit};
-use super::state::{AgentState, JobState, State};
+use super::state::{AgentState, JobState, Outcome, State};
 use gantry_protocol::jobspec::{JobKind, JobSpec};
 use gantry_protocol::replicated::PlacementEntry;
 use gantry_protocol::{AllocationPhase, RuntimeKind};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Ports given to serving replicas on their node.
+/// Ports given to serving replicas when an agent's register names none.
 pub const SERVING_PORTS: std::ops::Range<u16> = 31_000..33_000;
 /// The rendezvous port of a training gang on rank 0's node.
 pub const MASTER_PORT: u16 = 29_500;
@@ -46,6 +46,8 @@ pub struct Allocation {
     pub preempted: bool,
     /// Env Gantry adds for this unit (RANK, SHARD_INDEX, PORT, ...).
     pub env: BTreeMap<String, String>,
+    /// The job's spec generation this allocation runs.
+    pub generation: u32,
     pub created_at_unix_ms: u64,
     pub updated_at_unix_ms: u64,
 }
@@ -99,25 +101,137 @@ impl State {
                     Vec::new()
                 }
             }
-            JobKind::Batch | JobKind::Serving => (0..spec.units())
+            JobKind::Serving => {
+                // Units without a replica of the current generation, within the surge: at most
+                // `replicas + max_surge` replicas of any generation at once.
+                let current: BTreeSet<u32> = self
+                    .active_allocations_of(job_id)
+                    .filter(|a| a.generation == job.generation)
+                    .map(|a| a.unit)
+                    .collect();
+                let n_active = self.active_allocations_of(job_id).count() as u32;
+                let surge = spec.serving.as_ref().map(|s| s.max_surge).unwrap_or(1);
+                let room = (spec.units() + surge).saturating_sub(n_active) as usize;
+                (0..spec.units())
+                    .filter(|unit| !current.contains(unit))
+                    .filter(|unit| self.retry_due(job_id, *unit, now_unix_ms))
+                    .take(room)
+                    .collect()
+            }
+            JobKind::Batch => (0..spec.units())
                 .filter(|unit| !active.contains(unit) && !job.succeeded_units.contains(unit))
-                .filter(|unit| {
-                    let Some(now) = now_unix_ms else { return true };
-                    let retries = job.retries.get(unit).copied().unwrap_or(0);
-                    if retries == 0 {
-                        return true;
-                    }
-                    let last_end = self
-                        .allocations
-                        .values()
-                        .filter(|a| a.job_id == job_id && a.unit == *unit)
-                        .map(|a| a.updated_at_unix_ms)
-                        .max()
-                        .unwrap_or(0);
-                    let backoff_ms = (1_000u64 << (retries - 1).min(16)).min(RETRY_BACKOFF_MAX_MS);
-                    now >= last_end + backoff_ms
-                })
+                .filter(|unit| self.retry_due(job_id, *unit, now_unix_ms))
                 .collect(),
+        }
+    }
+
+    /// Whether a unit that failed before has waited out its backoff.
+    fn retry_due(&self, job_id: &str, unit: u32, now_unix_ms: Option<u64>) -> bool {
+        let Some(now) = now_unix_ms else { return true };
+        let retries = self.jobs[job_id].retries.get(&unit).copied().unwrap_or(0);
+        if retries == 0 {
+            return true;
+        }
+        let last_end = self
+            .allocations
+            .values()
+            .filter(|a| a.job_id == job_id && a.unit == unit)
+            .map(|a| a.updated_at_unix_ms)
+            .max()
+            .unwrap_or(0);
+        let backoff_ms = (1_000u64 << (retries - 1).min(16)).min(RETRY_BACKOFF_MAX_MS);
+        now >= last_end + backoff_ms
+    }
+
+    /// A serving job's new spec: only the spec of a running serving job, with the same name and
+    /// kind, may change.
+    pub(crate) fn apply_update(&mut self, job_id: &str, spec_json: &str, at: u64) -> Outcome {
+        let refuse = |reason: &str| Outcome::UpdateRefused {
+            job_id: job_id.to_string(),
+            reason: reason.to_string(),
+        };
+        let Some(job) = self.jobs.get(job_id) else {
+            return Outcome::JobNotFound {
+                job_id: job_id.to_string(),
+            };
+        };
+        if job.state.is_final() {
+            return refuse("the job has ended");
+        }
+        let (Some(old), Some(new)) = (spec_of(&job.spec_json), spec_of(spec_json)) else {
+            return refuse("the spec does not decode");
+        };
+        if old.kind != JobKind::Serving || new.kind != JobKind::Serving {
+            return refuse("only serving jobs roll over to a new spec; submit a new job instead");
+        }
+        if old.name != new.name || old.team != new.team {
+            return refuse("name and team cannot change");
+        }
+        if job.spec_json == spec_json {
+            return Outcome::JobUpdated {
+                job_id: job_id.to_string(),
+                generation: job.generation,
+            };
+        }
+        let job = self.jobs.get_mut(job_id).expect("checked above");
+        job.spec_json = spec_json.to_string();
+        job.generation += 1;
+        job.updated_at_unix_ms = at;
+        let generation = job.generation;
+        self.roll(job_id, at);
+        Outcome::JobUpdated {
+            job_id: job_id.to_string(),
+            generation,
+        }
+    }
+
+    /// Moves a serving job's replicas towards its current generation: an old replica is stopped
+    /// once a healthy replica of the new generation serves its unit, or sooner while enough
+    /// replicas stay healthy (`replicas - max_unavailable`); replicas beyond `replicas` go.
+    fn roll(&mut self, job_id: &str, at: u64) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        let Some(spec) = spec_of(&job.spec_json) else {
+            return;
+        };
+        let Some(serving) = spec.serving.as_ref() else {
+            return;
+        };
+        let generation = job.generation;
+        let replicas = spec.units();
+        let live: Vec<Allocation> = self
+            .active_allocations_of(job_id)
+            .filter(|a| !a.stop_requested)
+            .cloned()
+            .collect();
+        let healthy_new: BTreeSet<u32> = live
+            .iter()
+            .filter(|a| a.generation == generation && a.phase == AllocationPhase::Healthy)
+            .map(|a| a.unit)
+            .collect();
+        let mut healthy = live
+            .iter()
+            .filter(|a| a.phase == AllocationPhase::Healthy)
+            .count() as u32;
+        let floor = replicas.saturating_sub(serving.max_unavailable);
+        let mut to_stop = Vec::new();
+        for old in live.iter().filter(|a| a.generation < generation) {
+            let replaced = healthy_new.contains(&old.unit) || old.unit >= replicas;
+            let old_healthy = old.phase == AllocationPhase::Healthy;
+            let affordable = !old_healthy || healthy > floor;
+            if replaced || affordable {
+                if old_healthy {
+                    healthy = healthy.saturating_sub(1);
+                }
+                to_stop.push(old.id.clone());
+            }
+        }
+        for id in to_stop {
+            if let Some(allocation) = self.allocations.get_mut(&id) {
+                allocation.stop_requested = true;
+                allocation.updated_at_unix_ms = at;
+            }
         }
     }
 
@@ -312,16 +426,43 @@ impl State {
         job_id: &str,
         entries: &[PlacementEntry],
     ) {
-        // Ports in use per node, for serving replicas.
-        let mut ports: BTreeMap<(String, String), BTreeSet<u16>> = BTreeMap::new();
+        // Ports in use per host, for serving replicas: keyed by hostname, since several agents
+        // (or a host agent beside a cluster's node) can share one host and its ports.
+        let hostname_of =
+            |agents: &BTreeMap<String, super::state::AgentRecord>, agent_id: &str, node: &str| {
+                agents
+                    .get(agent_id)
+                    .and_then(|a| a.register.nodes.iter().find(|n| n.name == node))
+                    .map(|n| n.hostname.clone())
+                    .unwrap_or_else(|| format!("{agent_id}/{node}"))
+            };
+        let mut ports: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
         for allocation in self.allocations.values().filter(|a| !a.is_final()) {
             if let Some(port) = allocation.port {
                 ports
-                    .entry((allocation.agent_id.clone(), allocation.node.clone()))
+                    .entry(hostname_of(
+                        &self.agents,
+                        &allocation.agent_id,
+                        &allocation.node,
+                    ))
                     .or_default()
                     .insert(port);
             }
         }
+        let ranges: BTreeMap<String, (u16, u16)> = self
+            .agents
+            .iter()
+            .map(|(id, agent)| (id.clone(), agent.register.serving_ports))
+            .collect();
+        let hosts: BTreeMap<(String, String), String> = entries
+            .iter()
+            .map(|e| {
+                (
+                    (e.agent_id.clone(), e.node.clone()),
+                    hostname_of(&self.agents, &e.agent_id, &e.node),
+                )
+            })
+            .collect();
         // The gang's rendezvous: rank 0's node, and each worker's position among its nodes.
         let master = entries
             .iter()
@@ -371,11 +512,12 @@ impl State {
                     env.insert("SHARD_COUNT".into(), spec.units().to_string());
                 }
                 JobKind::Serving => {
-                    let used = ports.entry(node_key.clone()).or_default();
-                    let free = SERVING_PORTS
-                        .clone()
-                        .find(|p| !used.contains(p))
-                        .unwrap_or(SERVING_PORTS.start);
+                    let used = ports.entry(hosts[&node_key].clone()).or_default();
+                    let (low, high) = ranges
+                        .get(&node_key.0)
+                        .copied()
+                        .unwrap_or((SERVING_PORTS.start, SERVING_PORTS.end - 1));
+                    let free = (low..=high).find(|p| !used.contains(p)).unwrap_or(low);
                     used.insert(free);
                     port = Some(free);
                     env.insert("PORT".into(), free.to_string());
@@ -401,6 +543,7 @@ impl State {
                     stop_requested: false,
                     preempted: false,
                     env,
+                    generation: job.generation,
                     created_at_unix_ms: at,
                     updated_at_unix_ms: at,
                 },
@@ -432,9 +575,13 @@ impl State {
         }
         allocation.phase = phase.clone();
         allocation.updated_at_unix_ms = at;
+        let job_id = allocation.job_id.clone();
         if allocation.is_final() {
             let allocation = allocation.clone();
             self.unit_ended(&allocation, at);
+        }
+        if self.jobs.get(&job_id).is_some_and(|job| job.generation > 0) {
+            self.roll(&job_id, at);
         }
     }
 
@@ -545,9 +692,12 @@ impl State {
                 }
             }
             JobKind::Serving => {
-                // A replica that ends is replaced; serving jobs run until cancelled.
+                // A replica that ends is replaced (unless a newer generation took over); serving
+                // jobs run until cancelled.
                 let job = self.jobs.get_mut(&job_id).expect("present");
-                *job.retries.entry(allocation.unit).or_insert(0) += 1;
+                if allocation.generation == job.generation {
+                    *job.retries.entry(allocation.unit).or_insert(0) += 1;
+                }
             }
         }
     }
@@ -592,4 +742,227 @@ fn reserve(view: &mut ClusterView, entry: &PlacementEntry, spec: &JobSpec) -> bo
         node.used_gpus.extend(entry.gpus.iter().copied());
     }
     fits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_protocol::replicated::{Command, Op};
+    use gantry_protocol::{NodeCapacity, Register, RuntimeKind, RuntimeReport, SiteKind};
+
+    struct World {
+        state: State,
+        index: u64,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let mut world = Self {
+                state: State::default(),
+                index: 0,
+            };
+            let register = Register {
+                name: "host".into(),
+                software_version: "test".into(),
+                site: "s".into(),
+                site_kind: SiteKind::OnPrem,
+                cost_per_gpu_hour: 0.0,
+                cost_per_cpu_hour: 0.0,
+                labels: Default::default(),
+                runtimes: vec![RuntimeReport {
+                    kind: RuntimeKind::Process,
+                    detail: String::new(),
+                }],
+                serving_ports: (31_000, 32_999),
+                nodes: vec![NodeCapacity {
+                    name: "local".into(),
+                    hostname: "host".into(),
+                    os: String::new(),
+                    arch: String::new(),
+                    cpu_cores: 16,
+                    memory_bytes: 64 << 30,
+                    disk_bytes: 0,
+                    disk_free_bytes: 0,
+                    gpus: Vec::new(),
+                }],
+            };
+            world.apply(Op::AgentRegistered {
+                agent_id: "a".into(),
+                register,
+            });
+            world
+        }
+
+        fn apply(&mut self, op: Op) -> Outcome {
+            self.index += 1;
+            let command = Command {
+                request_id: self.index,
+                at_unix_ms: self.index * 1000,
+                actor: "test".into(),
+                op,
+            };
+            self.state.apply(self.index, &command)
+        }
+
+        /// Places what the queue wants, on the one node.
+        fn place(&mut self) -> Vec<u32> {
+            let queue = self.state.queue(u64::MAX / 2);
+            let placements: Vec<PlacementEntry> = queue
+                .iter()
+                .flat_map(|job| {
+                    job.units.iter().map(|&unit| PlacementEntry {
+                        job_id: job.job_id.clone(),
+                        unit,
+                        agent_id: "a".into(),
+                        node: "local".into(),
+                        gpus: Vec::new(),
+                        cpu_millis: 100,
+                        memory_bytes: 1 << 20,
+                    })
+                })
+                .collect();
+            let units = placements.iter().map(|p| p.unit).collect();
+            self.apply(Op::Place {
+                term: 1,
+                placements,
+                preemptions: Vec::new(),
+            });
+            units
+        }
+
+        fn set_all(&mut self, from: AllocationPhase, to: AllocationPhase) {
+            let ids: Vec<String> = self
+                .state
+                .allocations
+                .values()
+                .filter(|a| a.phase == from && !a.stop_requested)
+                .map(|a| a.id.clone())
+                .collect();
+            for allocation_id in ids {
+                self.apply(Op::AllocationUpdate {
+                    allocation_id,
+                    phase: to.clone(),
+                });
+            }
+        }
+
+        /// Agents confirm every requested stop.
+        fn confirm_stops(&mut self) {
+            let ids: Vec<String> = self
+                .state
+                .allocations
+                .values()
+                .filter(|a| a.stop_requested && !a.is_final())
+                .map(|a| a.id.clone())
+                .collect();
+            for allocation_id in ids {
+                self.apply(Op::AllocationUpdate {
+                    allocation_id,
+                    phase: AllocationPhase::Failed {
+                        exit_code: None,
+                        reason: "stopped".into(),
+                    },
+                });
+            }
+        }
+
+        fn healthy_count(&self) -> usize {
+            self.state
+                .allocations
+                .values()
+                .filter(|a| a.phase == AllocationPhase::Healthy && !a.stop_requested)
+                .count()
+        }
+    }
+
+    fn serving(version: &str) -> String {
+        let value = serde_json::json!({ "name": "web", "kind": "serving", "command": ["serve"], "env": { "VERSION": version },
+            "resources": { "cpus": 0.1, "memory": "1MiB" }, "serving": { "replicas": 3, "max_surge": 1, "max_unavailable": 0 } });
+        gantry_protocol::jobspec::from_json_value(value)
+            .unwrap()
+            .canonical_json()
+    }
+
+    #[test]
+    fn a_rolling_update_never_drops_below_the_replica_count_and_ends_on_the_new_spec() {
+        let mut world = World::new();
+        world.apply(Op::SubmitJob {
+            job_id: "web".into(),
+            idempotency_key: None,
+            spec_json: serving("1"),
+        });
+        assert_eq!(world.place(), vec![0, 1, 2]);
+        world.set_all(AllocationPhase::Pending, AllocationPhase::Running);
+        world.set_all(AllocationPhase::Running, AllocationPhase::Healthy);
+        assert_eq!(world.healthy_count(), 3);
+
+        let outcome = world.apply(Op::UpdateJob {
+            job_id: "web".into(),
+            spec_json: serving("2"),
+        });
+        assert_eq!(
+            outcome,
+            Outcome::JobUpdated {
+                job_id: "web".into(),
+                generation: 1
+            }
+        );
+        for round in 0..3 {
+            // max_surge 1: one new replica at a time, and no old one stopped before it is healthy.
+            assert_eq!(world.place().len(), 1, "round {round}");
+            assert_eq!(
+                world.healthy_count(),
+                3,
+                "round {round}: max_unavailable 0 keeps every replica up"
+            );
+            world.set_all(AllocationPhase::Pending, AllocationPhase::Running);
+            world.set_all(AllocationPhase::Running, AllocationPhase::Healthy);
+            assert_eq!(
+                world.healthy_count(),
+                3,
+                "round {round}: the replaced old replica is stopping"
+            );
+            world.confirm_stops();
+        }
+        assert!(world.place().is_empty(), "done rolling");
+        let live: Vec<&Allocation> = world
+            .state
+            .allocations
+            .values()
+            .filter(|a| !a.is_final())
+            .collect();
+        assert_eq!(live.len(), 3);
+        assert!(live
+            .iter()
+            .all(|a| a.generation == 1 && a.phase == AllocationPhase::Healthy));
+    }
+
+    #[test]
+    fn only_running_serving_jobs_take_a_new_spec() {
+        let mut world = World::new();
+        let batch = gantry_protocol::jobspec::from_json_value(
+            serde_json::json!({ "name": "b", "kind": "batch", "command": ["x"] }),
+        )
+        .unwrap()
+        .canonical_json();
+        world.apply(Op::SubmitJob {
+            job_id: "b".into(),
+            idempotency_key: None,
+            spec_json: batch.clone(),
+        });
+        assert!(matches!(
+            world.apply(Op::UpdateJob {
+                job_id: "b".into(),
+                spec_json: batch
+            }),
+            Outcome::UpdateRefused { .. }
+        ));
+        assert!(matches!(
+            world.apply(Op::UpdateJob {
+                job_id: "nope".into(),
+                spec_json: serving("1")
+            }),
+            Outcome::JobNotFound { .. }
+        ));
+    }
 }

@@ -83,6 +83,8 @@ pub struct Job {
     pub attempts: BTreeMap<u32, u32>,
     /// Why the job failed, when it did.
     pub failure: Option<String>,
+    /// Bumped by each spec update; allocations of an older generation are rolled over.
+    pub generation: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +124,14 @@ pub enum Outcome {
     Placed {
         placed: usize,
         rejected: usize,
+    },
+    JobUpdated {
+        job_id: String,
+        generation: u32,
+    },
+    UpdateRefused {
+        job_id: String,
+        reason: String,
     },
     QuotaSet,
     MemberAdded {
@@ -227,6 +237,7 @@ impl State {
                         succeeded_units: BTreeSet::new(),
                         attempts: BTreeMap::new(),
                         failure: None,
+                        generation: 0,
                     },
                 );
                 if let Some(key) = idempotency_key {
@@ -324,6 +335,18 @@ impl State {
             } => {
                 self.apply_allocation_update(allocation_id, phase, at);
                 Outcome::AgentRecorded
+            }
+            Op::UpdateJob { job_id, spec_json } => {
+                let outcome = self.apply_update(job_id, spec_json, at);
+                if let Outcome::JobUpdated { generation, .. } = &outcome {
+                    self.audit(
+                        index,
+                        at,
+                        actor,
+                        format!("update job {job_id} to generation {generation}"),
+                    );
+                }
+                outcome
             }
             Op::SetQuota { team, gpus } => {
                 match gpus {
