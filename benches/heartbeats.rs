@@ -4,13 +4,16 @@
 //! idle agent process.
 //!
 //! cargo bench --bench heartbeats -- [--agents 5000] [--interval-ms 5000] [--measure-s 30]
+mod common;
+
+use common::{free_port, Guard};
 
 use gantry_protocol::pki::{self, ClusterCa, COORDINATOR_SERVER_NAME};
 use gantry_protocol::tls::{self, NodeCredentials};
 use gantry_protocol::transport::{self, ALPN_AGENT};
 use gantry_protocol::{AgentMessage, CoordinatorMessage, Heartbeat, Role};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -47,30 +50,6 @@ fn options() -> Options {
         i += 2;
     }
     options
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
 }
 
 /// User plus system CPU time of a process, in clock ticks turned into seconds.

@@ -14,43 +14,11 @@ use gantry_protocol::{
     SiteKind,
 };
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{free_port, Guard};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} needs a number")),
-        None => default,
-    }
-}
 
 fn register(i: usize) -> Register {
     Register {
@@ -116,13 +84,9 @@ async fn simulated_agent(addr: SocketAddr, credentials: NodeCredentials, registe
 
 #[tokio::main]
 async fn main() {
-    for a in std::env::args().skip(1) {
-        if a.starts_with("--") && !["--units", "--agents", "--bench"].contains(&a.as_str()) {
-            panic!("unknown argument {a}");
-        }
-    }
-    let n_units = arg("--units", 20_000);
-    let n_agents = arg("--agents", 20);
+    common::check_flags(&["--units", "--agents"]);
+    let n_units = common::number_arg("--units", 20_000) as usize;
+    let n_agents = common::number_arg("--agents", 20) as usize;
     let gantry = env!("CARGO_BIN_EXE_gantry");
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();

@@ -5,9 +5,12 @@
 //! of the committed ones, and errors.
 //!
 //! cargo bench --bench submit -- [--clients 1,64,512] [--seconds 10]
+mod common;
+
+use common::{free_port, Guard};
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::time::Instant as TokioInstant;
 
@@ -61,31 +64,6 @@ fn options() -> Options {
         i += 2;
     }
     options
-}
-
-/// A child process killed when the bench ends, however it ends.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
 }
 
 /// Addresses of one coordinator: QUIC (`--listen`) and HTTP (`--http`).

@@ -5,54 +5,18 @@
 //! cargo bench --bench tiny_jobs -- [--jobs 1000] [--clients 32]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{free_port, Guard};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} needs a number")),
-        None => default,
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    for a in std::env::args().skip(1) {
-        if a.starts_with("--") && !["--jobs", "--clients", "--bench"].contains(&a.as_str()) {
-            panic!("unknown argument {a}");
-        }
-    }
-    let n_jobs = arg("--jobs", 1000);
-    let n_clients = arg("--clients", 32);
+    common::check_flags(&["--jobs", "--clients"]);
+    let n_jobs = common::number_arg("--jobs", 1000) as usize;
+    let n_clients = common::number_arg("--clients", 32) as usize;
     let gantry = env!("CARGO_BIN_EXE_gantry");
     let dir = tempfile::tempdir().unwrap();
     let quic: SocketAddr = format!("127.0.0.1:{}", free_port(true)).parse().unwrap();

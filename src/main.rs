@@ -550,7 +550,8 @@ fn random_key() -> String {
     format!("cli-{nanos:x}-{:x}", std::process::id())
 }
 
-async fn submit(api: &ApiArgs, file: &Path, idempotency_key: Option<String>) -> Result<()> {
+/// A job file (YAML, TOML or JSON by its extension), parsed and validated.
+fn read_job_file(file: &Path) -> Result<gantry_protocol::jobspec::JobSpec> {
     use gantry_protocol::jobspec::{parse_spec, SpecFormat};
     let format = SpecFormat::from_path(file).with_context(|| {
         format!(
@@ -560,7 +561,11 @@ async fn submit(api: &ApiArgs, file: &Path, idempotency_key: Option<String>) -> 
     })?;
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("read job file {}", file.display()))?;
-    let spec = parse_spec(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    parse_spec(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+async fn submit(api: &ApiArgs, file: &Path, idempotency_key: Option<String>) -> Result<()> {
+    let spec = read_job_file(file)?;
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let key = idempotency_key.unwrap_or_else(random_key);
     let response: SubmitJobResponse = client.post_idempotent("/v1/jobs", &spec, &key).await?;
@@ -789,16 +794,7 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
 }
 
 async fn update(api: &ApiArgs, job: &str, file: &Path) -> Result<()> {
-    use gantry_protocol::jobspec::{parse_spec, SpecFormat};
-    let format = SpecFormat::from_path(file).with_context(|| {
-        format!(
-            "{}: name the file .yaml, .yml, .toml or .json so its format is known",
-            file.display()
-        )
-    })?;
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("read job file {}", file.display()))?;
-    let spec = parse_spec(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let spec = read_job_file(file)?;
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let answer: serde_json::Value = client.put(&format!("/v1/jobs/{job}"), &spec).await?;
     eprintln!(

@@ -723,24 +723,7 @@ impl Coordinator {
         if decisions.placements.is_empty() && decisions.preemptions.is_empty() {
             return;
         }
-        let placements = decisions
-            .placements
-            .into_iter()
-            .map(|p| gantry_protocol::replicated::PlacementEntry {
-                job_id: p.job_id,
-                unit: p.unit,
-                agent_id: p.node.agent_id,
-                node: p.node.node,
-                gpus: p.gpus,
-                cpu_millis: p.cpu_millis,
-                memory_bytes: p.memory_bytes,
-            })
-            .collect();
-        let op = Op::Place {
-            term: self.replica.term(),
-            placements,
-            preemptions: decisions.preemptions,
-        };
+        let op = scheduler::place_op(self.replica.term(), decisions);
         let request_id = self.request_id();
         let actor = format!("scheduler:{}", self.replica.id());
         let command = Command {

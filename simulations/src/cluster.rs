@@ -760,24 +760,7 @@ impl Sim {
             return;
         }
         let term = self.leader().map(|l| l.term()).unwrap_or(0);
-        let placements = decisions
-            .placements
-            .into_iter()
-            .map(|p| gantry_protocol::replicated::PlacementEntry {
-                job_id: p.job_id,
-                unit: p.unit,
-                agent_id: p.node.agent_id,
-                node: p.node.node,
-                gpus: p.gpus,
-                cpu_millis: p.cpu_millis,
-                memory_bytes: p.memory_bytes,
-            })
-            .collect();
-        if let Some(request_id) = self.propose_as_leader(Op::Place {
-            term,
-            placements,
-            preemptions: decisions.preemptions,
-        }) {
+        if let Some(request_id) = self.propose_as_leader(scheduler::place_op(term, decisions)) {
             self.place_in_flight = Some((request_id, now));
         }
     }

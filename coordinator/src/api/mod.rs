@@ -349,28 +349,28 @@ fn new_job_id() -> String {
     format!("j-{}", hex::encode(bytes))
 }
 
+/// A job spec from a request body, or a 400 naming the field at fault.
+fn parse_spec_body(body: &[u8]) -> Result<JobSpec, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_field("body", format!("the body is not JSON: {e}")))?;
+    jobspec::from_json_value(value).map_err(|e| {
+        let field = if e.field.is_empty() {
+            "body"
+        } else {
+            e.field.as_str()
+        };
+        ApiError::invalid_field(field, e.to_string())
+    })
+}
+
 async fn submit_job(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(value) => value,
-        Err(e) => {
-            return ApiError::invalid_field("body", format!("the body is not JSON: {e}"))
-                .into_response()
-        }
-    };
-    let spec: JobSpec = match jobspec::from_json_value(value) {
+    let spec = match parse_spec_body(&body) {
         Ok(spec) => spec,
-        Err(e) => {
-            let field = if e.field.is_empty() {
-                "body".to_string()
-            } else {
-                e.field.clone()
-            };
-            return ApiError::invalid_field(&field, e.to_string()).into_response();
-        }
+        Err(error) => return error.into_response(),
     };
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
@@ -698,23 +698,9 @@ async fn update_job(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(value) => value,
-        Err(e) => {
-            return ApiError::invalid_field("body", format!("the body is not JSON: {e}"))
-                .into_response()
-        }
-    };
-    let spec: JobSpec = match jobspec::from_json_value(value) {
+    let spec = match parse_spec_body(&body) {
         Ok(spec) => spec,
-        Err(e) => {
-            let field = if e.field.is_empty() {
-                "body".to_string()
-            } else {
-                e.field.clone()
-            };
-            return ApiError::invalid_field(&field, e.to_string()).into_response();
-        }
+        Err(error) => return error.into_response(),
     };
     let path = format!("/v1/jobs/{id}");
     let op = Op::UpdateJob {

@@ -139,6 +139,28 @@ pub struct Unplaced {
     pub explanation: Explanation,
 }
 
+/// The `Place` entry that proposes a pass's decisions, stamped with the proposing leader's term.
+pub fn place_op(term: u64, decisions: Decisions) -> gantry_protocol::replicated::Op {
+    let placements = decisions
+        .placements
+        .into_iter()
+        .map(|p| gantry_protocol::replicated::PlacementEntry {
+            job_id: p.job_id,
+            unit: p.unit,
+            agent_id: p.node.agent_id,
+            node: p.node.node,
+            gpus: p.gpus,
+            cpu_millis: p.cpu_millis,
+            memory_bytes: p.memory_bytes,
+        })
+        .collect();
+    gantry_protocol::replicated::Op::Place {
+        term,
+        placements,
+        preemptions: decisions.preemptions,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decisions {
     pub placements: Vec<Placement>,
