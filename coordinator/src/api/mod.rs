@@ -85,6 +85,23 @@ impl ApiError {
         error
     }
 
+    fn no_job(job_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {job_id}"),
+        )
+    }
+
+    /// The state machine answered a write with an outcome this endpoint never expects: a bug.
+    fn unexpected(outcome: &Outcome) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("unexpected outcome {outcome:?}"),
+        )
+    }
+
     fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
@@ -418,12 +435,7 @@ async fn submit_job(
                 format!("Idempotency-Key {key:?} was used for job {job_id} with a different spec"),
             )
             .into_response(),
-            other => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("unexpected outcome {other:?}"),
-            )
-            .into_response(),
+            other => ApiError::unexpected(&other).into_response(),
         },
     )
     .await
@@ -446,11 +458,7 @@ async fn get_job(
 ) -> Result<Json<JobView>, ApiError> {
     match read(&state, Query::Job(id.clone()), &params).await? {
         Answer::Job(Some(job)) => Ok(Json(job_view(&job))),
-        Answer::Job(None) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no job {id}"),
-        )),
+        Answer::Job(None) => Err(ApiError::no_job(&id)),
         _ => unreachable!("a job query answers a job"),
     }
 }
@@ -470,24 +478,14 @@ async fn cancel_job(
             Outcome::JobCancelled { job_id } => {
                 Json(serde_json::json!({ "id": job_id, "state": "cancelled" })).into_response()
             }
-            Outcome::JobNotFound { job_id } => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no job {job_id}"),
-            )
-            .into_response(),
+            Outcome::JobNotFound { job_id } => ApiError::no_job(&job_id).into_response(),
             Outcome::JobAlreadyFinal { job_id, state } => ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!("job {job_id} already ended: {}", state.as_str()),
             )
             .into_response(),
-            other => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("unexpected outcome {other:?}"),
-            )
-            .into_response(),
+            other => ApiError::unexpected(&other).into_response(),
         },
     )
     .await
@@ -637,11 +635,7 @@ async fn explain_job(
                 })
                 .collect(),
         })),
-        Answer::Explain(None, _) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no job {id}"),
-        )),
+        Answer::Explain(None, _) => Err(ApiError::no_job(&id)),
         _ => unreachable!("an explain query answers an explanation"),
     }
 }
@@ -715,24 +709,14 @@ async fn update_job(
             Outcome::JobUpdated { job_id, generation } => {
                 Json(serde_json::json!({ "id": job_id, "generation": generation })).into_response()
             }
-            Outcome::JobNotFound { job_id } => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no job {job_id}"),
-            )
-            .into_response(),
+            Outcome::JobNotFound { job_id } => ApiError::no_job(&job_id).into_response(),
             Outcome::UpdateRefused { job_id, reason } => ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!("job {job_id} cannot take this spec: {reason}"),
             )
             .into_response(),
-            other => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("unexpected outcome {other:?}"),
-            )
-            .into_response(),
+            other => ApiError::unexpected(&other).into_response(),
         },
     )
     .await
