@@ -10,6 +10,9 @@
 //! cost_per_gpu_hour = 1.20     # amortised for on-prem, so cost reports never show it as free
 //! cost_per_cpu_hour = 0.02
 //! allow_process = false        # run plain processes (like Nomad's raw_exec); off by default
+//! runtime = "auto"             # for images: kubernetes, else docker (whichever answers first)
+//! allow_pull = false           # pull missing images; off by default (offline first)
+//! kubernetes_namespace = "gantry"
 //!
 //! [labels]
 //! rack = "r12"
@@ -48,6 +51,16 @@ pub struct AgentConfig {
     pub cost_per_cpu_hour: f64,
     #[serde(default)]
     pub allow_process: bool,
+    /// Which container runtime runs jobs that name an image.
+    #[serde(default)]
+    pub runtime: RuntimeChoice,
+    /// Every job may pull its image when it is not on the node. Off by default: an air-gapped
+    /// site loads images with `gantry images load`, and a job may still ask with `pull: true`.
+    #[serde(default)]
+    pub allow_pull: bool,
+    /// Where the Kubernetes runtime creates its objects.
+    #[serde(default = "default_namespace")]
+    pub kubernetes_namespace: String,
     /// Ports serving replicas may be given on this host, inclusive (like Nomad's dynamic ports).
     #[serde(default = "default_serving_port_min")]
     pub serving_port_min: u16,
@@ -57,6 +70,32 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub gpus: Vec<DeclaredGpus>,
+}
+
+/// The agent config's `runtime`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// Kubernetes when the agent runs in a cluster or has a kubeconfig that answers, else Docker
+    /// when its daemon answers, else no container runtime (the process runtime still runs jobs
+    /// without an image when `allow_process` is set).
+    #[default]
+    Auto,
+    Kubernetes,
+    Docker,
+    /// No container runtime: only plain processes (implies `allow_process`).
+    Process,
+}
+
+impl RuntimeChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeChoice::Auto => "auto",
+            RuntimeChoice::Kubernetes => "kubernetes",
+            RuntimeChoice::Docker => "docker",
+            RuntimeChoice::Process => "process",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -75,6 +114,10 @@ fn default_serving_port_min() -> u16 {
 
 fn default_serving_port_max() -> u16 {
     32_999
+}
+
+fn default_namespace() -> String {
+    "gantry".into()
 }
 
 fn default_site() -> String {
@@ -100,6 +143,9 @@ impl Default for AgentConfig {
             cost_per_gpu_hour: 0.0,
             cost_per_cpu_hour: 0.0,
             allow_process: false,
+            runtime: RuntimeChoice::Auto,
+            allow_pull: false,
+            kubernetes_namespace: default_namespace(),
             serving_port_min: default_serving_port_min(),
             serving_port_max: default_serving_port_max(),
             labels: BTreeMap::new(),
@@ -172,6 +218,15 @@ impl AgentConfig {
                 ));
             }
         }
+        if !is_dns_label(&self.kubernetes_namespace) {
+            return Err(invalid(
+                "kubernetes_namespace".into(),
+                format!(
+                    "must be a DNS label (lowercase letters, digits and '-', at most 63), got {:?}",
+                    self.kubernetes_namespace
+                ),
+            ));
+        }
         if self.serving_port_min == 0 || self.serving_port_min > self.serving_port_max {
             return Err(invalid(
                 "serving_port_min".into(),
@@ -202,6 +257,16 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 #[cfg(test)]
@@ -247,6 +312,8 @@ mod tests {
         for (text, needle) in [
             ("kind = \"edge\"", "unknown variant `edge`"),
             ("sit = \"x\"", "unknown field `sit`"),
+            ("runtime = \"podman\"", "unknown variant `podman`"),
+            ("kubernetes_namespace = \"Prod\"", "`kubernetes_namespace`"),
             ("cost_per_gpu_hour = -1.0", "`cost_per_gpu_hour`"),
             (
                 "[[gpus]]\nmodel = \"A100\"\nmemory = \"80 parsecs\"",

@@ -54,9 +54,16 @@ pub fn agent_name(config: &AgentConfig) -> String {
         .unwrap_or_else(|| "agent".into())
 }
 
-/// Everything the agent would register with: used by `gantry agent fingerprint` too.
+/// Everything the agent would register with: used by `gantry agent fingerprint` too. A runtime
+/// the config names that does not answer is left out (the agent itself refuses to start then).
 pub async fn fingerprint(config: &AgentConfig, data_dir: &std::path::Path) -> Register {
-    let runtimes = runtimes::detect(config.allow_process).await;
+    let runtimes = match runtimes::select(config).await {
+        Ok(selection) => selection.reports(),
+        Err(reason) => {
+            tracing::warn!("{reason}");
+            Vec::new()
+        }
+    };
     register_message(config, data_dir, &runtimes)
 }
 
@@ -134,28 +141,22 @@ pub async fn run(
         .with_context(|| format!("create data dir {}", options.data_dir.display()))?;
     let credentials = credentials(&options).await?;
     tracing::info!(agent = %credentials.agent_id, "agent identity loaded");
-    let detected = runtimes::detect(options.config.allow_process).await;
-    // Only runtimes this build can run work on are offered to the scheduler; the container
-    // runtimes are detected (and logged) but arrive with their own implementation.
-    let runtimes: Vec<RuntimeReport> = detected
-        .into_iter()
-        .filter(|r| {
-            let usable = r.kind == gantry_protocol::RuntimeKind::Process;
-            if !usable {
-                tracing::info!(
-                    runtime = r.kind.as_str(),
-                    "detected, but this build runs work only through the process runtime"
-                );
-            }
-            usable
-        })
-        .collect();
+    let mut selection = runtimes::select(&options.config)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if let Some(container) = selection.container.take() {
+        tracing::warn!(
+            runtime = container.kind.as_str(),
+            "selected, but this build runs work only through the process runtime"
+        );
+    }
+    let runtimes: Vec<RuntimeReport> = selection.reports();
     let work_root = options.data_dir.join("allocations");
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("create {}", work_root.display()))?;
     let (events_tx, runtime_events) = tokio::sync::mpsc::unbounded_channel();
-    let runtime: Option<std::sync::Arc<dyn runtime::Runtime>> =
-        options.config.allow_process.then(|| {
+    let process: Option<std::sync::Arc<dyn runtime::Runtime>> =
+        selection.process.is_some().then(|| {
             let config = runtime::RuntimeConfig {
                 work_root: work_root.clone(),
                 log_bytes_max: LOG_BYTES_MAX,
@@ -163,15 +164,22 @@ pub async fn run(
             std::sync::Arc::new(runtime::process::ProcessRuntime::new(config, events_tx))
                 as std::sync::Arc<dyn runtime::Runtime>
         });
+    let runtimes_used = supervisor::Runtimes {
+        container: None,
+        process,
+        allow_pull: options.config.allow_pull,
+    };
     let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
     let gpus = fingerprint::local_node(&options.config, &options.data_dir).gpus;
-    let mut supervisor = supervisor::Supervisor::new(runtime, work_root.clone(), gpus, reports_tx);
-    supervisor.report_previous(runtime::process::previous_allocations(&work_root));
+    let mut supervisor =
+        supervisor::Supervisor::new(runtimes_used, work_root.clone(), gpus, reports_tx);
+    supervisor.recover().await;
     let work = session::Work {
         supervisor,
         runtime_events,
         reports,
         undelivered: Default::default(),
+        nodes: None,
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

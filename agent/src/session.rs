@@ -84,6 +84,9 @@ pub struct Work {
     pub runtime_events: mpsc::UnboundedReceiver<crate::runtime::RuntimeEvent>,
     pub reports: mpsc::UnboundedReceiver<AllocationStateReport>,
     pub undelivered: VecDeque<AllocationStateReport>,
+    /// For an agent that reports a cluster's nodes (Kubernetes): their current capacity, which
+    /// changes as nodes come and go and other pods take or free room. Each change is sent.
+    pub nodes: Option<watch::Receiver<Vec<gantry_protocol::NodeCapacity>>>,
 }
 
 async fn resolve(address: &str) -> Result<SocketAddr> {
@@ -249,8 +252,26 @@ impl Session {
         }
         let mut seq = 0u64;
         let mut pending_key: Option<rcgen::KeyPair> = None;
+        let mut nodes = self.work.nodes.clone();
+        if let Some(nodes) = &mut nodes {
+            // The registration carried the current nodes.
+            nodes.mark_unchanged();
+        }
         loop {
+            let nodes_changed = async {
+                if let Some(nodes) = &mut nodes {
+                    if nodes.changed().await.is_ok() {
+                        return nodes.borrow_and_update().clone();
+                    }
+                }
+                std::future::pending().await
+            };
             tokio::select! {
+                current = nodes_changed => {
+                    if let Err(e) = send.send(&AgentMessage::Nodes(current)).await {
+                        return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() });
+                    }
+                }
                 _ = heartbeat.tick() => {
                     seq += 1;
                     if let Err(e) = send.send(&AgentMessage::Heartbeat(Heartbeat { seq })).await {

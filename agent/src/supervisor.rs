@@ -1,21 +1,31 @@
 //! The supervisor: turns assignments and stops from the coordinator into runtime calls, and the
-//! runtime's events into allocation state reports. It outlives sessions: what happens while the
+//! runtimes' events into allocation state reports. It outlives sessions: what happens while the
 //! agent is disconnected is reported once it is connected again.
 //!
+//! Routing: a unit with an image goes to the agent's container runtime (Kubernetes or Docker, the
+//! one selected at start), a unit without one to the process runtime when the config allows it.
+//!
 //! Fencing: each assignment carries (term, index); an assignment or stop older than the newest
-//! seen for the same allocation is ignored. The token is stored beside the allocation's files so
-//! that after a restart the agent can still report on it.
+//! seen for the same allocation is ignored. The token, the runtime and the health check are
+//! stored beside the allocation's files (`assignment.json`, written before the runtime is asked
+//! to start anything) so that after a restart the agent can adopt what still runs and report on
+//! the rest.
 
-use crate::runtime::{Exit, GpuAssignment, Runtime, RuntimeEvent, UnitSpec};
+use crate::runtime::{Exit, GpuAssignment, Recovered, Runtime, RuntimeEvent, UnitSpec};
 use gantry_protocol::jobspec::JobSpec;
-use gantry_protocol::{AllocationPhase, AllocationStateReport, Assign, FencingToken, Gpu, Stop};
+use gantry_protocol::{
+    AllocationPhase, AllocationStateReport, Assign, FencingToken, Gpu, RuntimeKind, Stop,
+};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
-const FENCING_FILE: &str = "fencing.json";
+const ASSIGNMENT_FILE: &str = "assignment.json";
+/// Written when an allocation's final state has been reported: a restart does not report it again.
+const ENDED_FILE: &str = "ended";
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -24,12 +34,53 @@ fn now_unix_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// What the agent keeps of an assignment on disk, to take it up again after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct AssignmentRecord {
+    term: u64,
+    index: u64,
+    runtime: RuntimeKind,
+    /// Serving replicas: the port and path of the health check.
+    health: Option<(u16, String)>,
+}
+
+/// The runtimes this agent may use, as selected at start.
+#[derive(Clone, Default)]
+pub struct Runtimes {
+    /// Runs units that name an image: Kubernetes or Docker.
+    pub container: Option<Arc<dyn Runtime>>,
+    /// Runs units that name only a command, when `allow_process` is set.
+    pub process: Option<Arc<dyn Runtime>>,
+    /// The agent config's `allow_pull`: every job may pull its image.
+    pub allow_pull: bool,
+}
+
+impl Runtimes {
+    fn all(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
+        self.container.iter().chain(self.process.iter())
+    }
+
+    /// The runtime for a job, or why there is none on this agent.
+    fn for_job(&self, spec: &JobSpec) -> Result<Arc<dyn Runtime>, String> {
+        match &spec.image {
+            Some(image) => self.container.clone().ok_or_else(|| {
+                format!("the job names the image {image:?}, and this agent has no container runtime (neither Kubernetes nor Docker answered when it started)")
+            }),
+            None => self.process.clone().ok_or_else(|| {
+                "the job names no image, and this agent does not run plain processes (set allow_process = true in its config)".to_string()
+            }),
+        }
+    }
+}
+
 pub struct Supervisor {
-    runtime: Option<Arc<dyn Runtime>>,
+    runtimes: Runtimes,
     work_root: PathBuf,
     /// This node's GPUs, to give units their UUIDs.
     gpus: Vec<Gpu>,
     fencing: BTreeMap<String, FencingToken>,
+    /// Which runtime holds each allocation.
+    owner: BTreeMap<String, Arc<dyn Runtime>>,
     /// Serving replicas' health checks: the port and path, and the task once it runs.
     health: BTreeMap<String, (u16, String)>,
     health_tasks: BTreeMap<String, tokio::task::JoinHandle<()>>,
@@ -37,19 +88,52 @@ pub struct Supervisor {
     reports: mpsc::UnboundedSender<AllocationStateReport>,
 }
 
+fn failed(reason: String) -> AllocationPhase {
+    AllocationPhase::Failed {
+        exit_code: None,
+        reason,
+    }
+}
+
+fn phase_of(exit: Exit) -> AllocationPhase {
+    match exit {
+        Exit::Code(0) => AllocationPhase::Succeeded,
+        Exit::Code(code) => AllocationPhase::Failed {
+            exit_code: Some(code),
+            reason: format!("exited with code {code}"),
+        },
+        Exit::Signal(signal) => failed(format!("killed by signal {signal}")),
+        Exit::Stopped => failed("stopped by Gantry".into()),
+        Exit::Lost(reason) => AllocationPhase::Lost { reason },
+        Exit::Failed { exit_code, reason } => AllocationPhase::Failed { exit_code, reason },
+    }
+}
+
+fn is_final(phase: &AllocationPhase) -> bool {
+    matches!(
+        phase,
+        AllocationPhase::Succeeded | AllocationPhase::Failed { .. } | AllocationPhase::Lost { .. }
+    )
+}
+
+fn read_record(dir: &Path) -> Option<AssignmentRecord> {
+    let bytes = std::fs::read(dir.join(ASSIGNMENT_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 impl Supervisor {
-    /// `runtime` is `None` when this agent may run nothing (no runtime allowed).
     pub fn new(
-        runtime: Option<Arc<dyn Runtime>>,
+        runtimes: Runtimes,
         work_root: PathBuf,
         gpus: Vec<Gpu>,
         reports: mpsc::UnboundedSender<AllocationStateReport>,
     ) -> Self {
         Self {
-            runtime,
+            runtimes,
             work_root,
             gpus,
             fencing: BTreeMap::new(),
+            owner: BTreeMap::new(),
             health: BTreeMap::new(),
             health_tasks: BTreeMap::new(),
             reports,
@@ -57,44 +141,102 @@ impl Supervisor {
     }
 
     fn report(&self, allocation_id: &str, phase: AllocationPhase) {
+        self.report_with_image(allocation_id, phase, None);
+    }
+
+    fn report_with_image(
+        &self,
+        allocation_id: &str,
+        phase: AllocationPhase,
+        image: Option<String>,
+    ) {
         let Some(&fencing) = self.fencing.get(allocation_id) else {
             return;
         };
+        if is_final(&phase) {
+            let _ = std::fs::write(self.work_root.join(allocation_id).join(ENDED_FILE), b"");
+        }
         let report = AllocationStateReport {
             allocation_id: allocation_id.to_string(),
             fencing,
             phase,
             at_unix_ms: now_unix_ms(),
+            image,
         };
         let _ = self.reports.send(report);
     }
 
-    /// Allocations left from before a restart: the process runtime kept none of them running.
-    pub fn report_previous(&mut self, previous: Vec<String>) {
-        for allocation_id in previous {
-            let path = self.work_root.join(&allocation_id).join(FENCING_FILE);
-            let Some(fencing) = std::fs::read(&path)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<(u64, u64)>(&bytes).ok())
-            else {
-                continue;
-            };
+    /// Takes up what an earlier run of the agent left: asks each runtime what it still holds,
+    /// adopts what runs, reports what ended, stops what no assignment on disk accounts for, and
+    /// reports as lost what no runtime has any more. Call once, before the first session.
+    pub async fn recover(&mut self) {
+        let mut records = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.work_root) {
+            for entry in entries.flatten() {
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                let dir = entry.path();
+                if dir.join(ENDED_FILE).exists() {
+                    continue;
+                }
+                if let Some(record) = read_record(&dir) {
+                    records.insert(name, record);
+                }
+            }
+        }
+        let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.all().cloned().collect();
+        for runtime in runtimes {
+            for (allocation_id, recovered) in runtime.recover().await {
+                let Some(record) = records.remove(&allocation_id) else {
+                    if matches!(recovered, Recovered::Running { .. }) {
+                        tracing::warn!(allocation = %allocation_id, runtime = runtime.kind().as_str(), "found running work no assignment accounts for; stopping it");
+                        runtime.stop(&allocation_id, Duration::from_secs(10)).await;
+                    }
+                    continue;
+                };
+                self.fencing.insert(
+                    allocation_id.clone(),
+                    FencingToken {
+                        term: record.term,
+                        index: record.index,
+                    },
+                );
+                self.owner.insert(allocation_id.clone(), runtime.clone());
+                match recovered {
+                    Recovered::Running { image } => {
+                        tracing::info!(allocation = %allocation_id, runtime = runtime.kind().as_str(), "adopted a unit that ran on through the agent's restart");
+                        if let Some(health) = record.health {
+                            self.health.insert(allocation_id.clone(), health);
+                        }
+                        self.handle_runtime_event(RuntimeEvent::Started {
+                            allocation_id,
+                            image,
+                        });
+                    }
+                    Recovered::Ended(exit) => self.report(&allocation_id, phase_of(exit)),
+                }
+            }
+        }
+        for (allocation_id, record) in records {
             self.fencing.insert(
                 allocation_id.clone(),
                 FencingToken {
-                    term: fencing.0,
-                    index: fencing.1,
+                    term: record.term,
+                    index: record.index,
                 },
             );
-            let reason =
-                "the agent restarted; the process runtime keeps no work across restarts".into();
+            let reason = format!(
+                "the agent restarted and the {} runtime no longer has this unit",
+                record.runtime.as_str()
+            );
             self.report(&allocation_id, AllocationPhase::Lost { reason });
         }
     }
 
     /// What is running now, reported again to a new session so the coordinator can reconcile.
     pub async fn report_running(&self) {
-        if let Some(runtime) = &self.runtime {
+        for runtime in self.runtimes.all() {
             for allocation_id in runtime.running().await {
                 self.report(&allocation_id, AllocationPhase::Running);
             }
@@ -110,42 +252,21 @@ impl Supervisor {
         }
         self.fencing
             .insert(assign.allocation_id.clone(), assign.fencing);
-        let Some(runtime) = self.runtime.clone() else {
-            let reason = "this agent has no runtime allowed (set allow_process = true, or run Docker or Kubernetes)".into();
-            self.report(
-                &assign.allocation_id,
-                AllocationPhase::Failed {
-                    exit_code: None,
-                    reason,
-                },
-            );
-            return;
-        };
         let spec: JobSpec = match serde_json::from_str(&assign.spec_json) {
             Ok(spec) => spec,
             Err(e) => {
                 let reason = format!("the assignment's spec does not decode: {e}");
-                self.report(
-                    &assign.allocation_id,
-                    AllocationPhase::Failed {
-                        exit_code: None,
-                        reason,
-                    },
-                );
+                self.report(&assign.allocation_id, failed(reason));
                 return;
             }
         };
-        let mut env = spec.env.clone();
-        env.extend(assign.env.clone());
-        if let (Some(serving), Some(port)) = (
-            &spec.serving,
-            assign.env.get("PORT").and_then(|p| p.parse::<u16>().ok()),
-        ) {
-            self.health.insert(
-                assign.allocation_id.clone(),
-                (port, serving.health_path.clone()),
-            );
-        }
+        let runtime = match self.runtimes.for_job(&spec) {
+            Ok(runtime) => runtime,
+            Err(reason) => {
+                self.report(&assign.allocation_id, failed(reason));
+                return;
+            }
+        };
         let gpus = assign
             .gpus
             .iter()
@@ -158,18 +279,44 @@ impl Supervisor {
                     .and_then(|g| g.uuid.clone()),
             })
             .collect();
-        let unit = UnitSpec {
-            allocation_id: assign.allocation_id.clone(),
-            job_id: assign.job_id.clone(),
-            image: spec.image.clone(),
-            command: spec.command.clone(),
-            env,
+        let unit = UnitSpec::new(
+            assign.allocation_id.clone(),
+            assign.job_id.clone(),
+            spec,
+            assign.node.clone(),
+            &assign.env,
             gpus,
-            cpu_millis: u64::from(spec.resources.cpu_millis),
-            memory_bytes: spec.resources.memory_bytes,
+            self.runtimes.allow_pull,
+        );
+        let health = match (&unit.job.serving, unit.port) {
+            (Some(serving), Some(port)) => Some((port, serving.health_path.clone())),
+            _ => None,
         };
-        let fencing_path = self.work_root.join(&assign.allocation_id);
-        let token = (assign.fencing.term, assign.fencing.index);
+        if let Some(health) = &health {
+            self.health
+                .insert(assign.allocation_id.clone(), health.clone());
+        }
+        // Written before the runtime starts anything: a restart in between still finds it.
+        let record = AssignmentRecord {
+            term: assign.fencing.term,
+            index: assign.fencing.index,
+            runtime: runtime.kind(),
+            health,
+        };
+        let dir = self.work_root.join(&assign.allocation_id);
+        let written = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::write(
+                dir.join(ASSIGNMENT_FILE),
+                serde_json::to_vec(&record).unwrap_or_default(),
+            )
+        });
+        if let Err(e) = written {
+            let reason = format!("cannot record the assignment in {}: {e}", dir.display());
+            self.report(&assign.allocation_id, failed(reason));
+            return;
+        }
+        self.owner
+            .insert(assign.allocation_id.clone(), runtime.clone());
         let reports = self.reports.clone();
         let fencing = assign.fencing;
         tokio::spawn(async move {
@@ -178,20 +325,12 @@ impl Supervisor {
                 let report = AllocationStateReport {
                     allocation_id,
                     fencing,
-                    phase: AllocationPhase::Failed {
-                        exit_code: None,
-                        reason: e.to_string(),
-                    },
+                    phase: failed(e.to_string()),
                     at_unix_ms: now_unix_ms(),
+                    image: None,
                 };
                 let _ = reports.send(report);
-                return;
             }
-            // Written after the runtime made the directory: survives a restart for reporting.
-            let _ = std::fs::write(
-                fencing_path.join(FENCING_FILE),
-                serde_json::to_vec(&token).unwrap_or_default(),
-            );
         });
     }
 
@@ -201,7 +340,7 @@ impl Supervisor {
                 return;
             }
         }
-        let Some(runtime) = self.runtime.clone() else {
+        let Some(runtime) = self.owner.get(&stop.allocation_id).cloned() else {
             return;
         };
         let grace = Duration::from_millis(stop.grace_period_ms);
@@ -210,12 +349,20 @@ impl Supervisor {
 
     pub fn handle_runtime_event(&mut self, event: RuntimeEvent) {
         match event {
-            RuntimeEvent::Started { allocation_id } => {
-                self.report(&allocation_id, AllocationPhase::Running);
-                if let (Some((port, path)), Some(fencing), Some(runtime)) = (
+            RuntimeEvent::Started {
+                allocation_id,
+                image,
+            } => {
+                self.report_with_image(&allocation_id, AllocationPhase::Running, image);
+                let Some(runtime) = self.owner.get(&allocation_id).cloned() else {
+                    return;
+                };
+                if runtime.checks_health() {
+                    return;
+                }
+                if let (Some((port, path)), Some(fencing)) = (
                     self.health.get(&allocation_id).cloned(),
                     self.fencing.get(&allocation_id).copied(),
-                    self.runtime.clone(),
                 ) {
                     let check = HealthCheck {
                         allocation_id: allocation_id.clone(),
@@ -229,6 +376,17 @@ impl Supervisor {
                         .insert(allocation_id, tokio::spawn(check.run()));
                 }
             }
+            RuntimeEvent::Health {
+                allocation_id,
+                healthy,
+            } => {
+                let phase = if healthy {
+                    AllocationPhase::Healthy
+                } else {
+                    AllocationPhase::Running
+                };
+                self.report(&allocation_id, phase);
+            }
             RuntimeEvent::Exited {
                 allocation_id,
                 exit,
@@ -237,30 +395,16 @@ impl Supervisor {
                     task.abort();
                 }
                 self.health.remove(&allocation_id);
-                let phase = match exit {
-                    Exit::Code(0) => AllocationPhase::Succeeded,
-                    Exit::Code(code) => AllocationPhase::Failed {
-                        exit_code: Some(code),
-                        reason: format!("exited with code {code}"),
-                    },
-                    Exit::Signal(signal) => AllocationPhase::Failed {
-                        exit_code: None,
-                        reason: format!("killed by signal {signal}"),
-                    },
-                    Exit::Stopped => AllocationPhase::Failed {
-                        exit_code: None,
-                        reason: "stopped by Gantry".into(),
-                    },
-                    Exit::Lost(reason) => AllocationPhase::Lost { reason },
-                };
-                self.report(&allocation_id, phase);
+                self.owner.remove(&allocation_id);
+                self.report(&allocation_id, phase_of(exit));
             }
         }
     }
 
     pub async fn shutdown(&self, grace: Duration) {
-        if let Some(runtime) = &self.runtime {
-            runtime.shutdown(grace).await;
+        let stops = self.runtimes.all().map(|runtime| runtime.shutdown(grace));
+        for stop in stops {
+            stop.await;
         }
     }
 }
@@ -287,6 +431,7 @@ impl HealthCheck {
             fencing: self.fencing,
             phase,
             at_unix_ms: now_unix_ms(),
+            image: None,
         };
         let _ = self.reports.send(report);
     }

@@ -225,6 +225,7 @@ fn queue(rng: &mut Rng) -> Vec<QueuedJob> {
             },
             priority: rng.below(4) as i32 - 1,
             preemptible: rng.below(3) == 0,
+            pull: false,
             training: (kind == JobKind::Training).then(|| Training {
                 n_workers: n_units,
                 ..Training::default()

@@ -477,6 +477,15 @@ async fn agent_session(
                         break Ok(());
                     }
                 }
+                Ok(Some(AgentMessage::Nodes(nodes))) => {
+                    if nodes.len() > REGISTER_NODES_MAX {
+                        break Err(format!("nodes has {} entries, over the limit of {REGISTER_NODES_MAX}", nodes.len()));
+                    }
+                    let event = Event::Nodes { agent_id: agent_id.clone(), session_id, nodes };
+                    if context.events.send(event).await.is_err() {
+                        break Ok(());
+                    }
+                }
                 Ok(Some(AgentMessage::LogChunk(chunk))) => {
                     tracing::debug!(agent = %agent_id, allocation = %chunk.allocation_id, "log chunk");
                 }

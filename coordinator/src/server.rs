@@ -131,6 +131,11 @@ pub enum Event {
         agent_id: String,
         report: gantry_protocol::AllocationStateReport,
     },
+    Nodes {
+        agent_id: String,
+        session_id: u64,
+        nodes: Vec<gantry_protocol::NodeCapacity>,
+    },
     PeerMessages(Vec<Message>),
     PeerStatus {
         from: u64,
@@ -435,6 +440,11 @@ impl Coordinator {
             Event::AllocationReport { agent_id, report } => {
                 self.handle_allocation_report(&agent_id, report)
             }
+            Event::Nodes {
+                agent_id,
+                session_id,
+                nodes,
+            } => self.handle_nodes(&agent_id, session_id, nodes),
             Event::PeerMessages(messages) => {
                 for message in messages {
                     if let Err(e) = self.replica.step(message) {
@@ -612,6 +622,16 @@ impl Coordinator {
             }
             return;
         }
+        if let Some(image) = report
+            .image
+            .filter(|i| allocation.image.as_ref() != Some(i))
+        {
+            let op = Op::RecordImage {
+                allocation_id: report.allocation_id.clone(),
+                image,
+            };
+            self.propose(format!("agent:{agent_id}"), op, None);
+        }
         if allocation.phase != report.phase {
             let op = Op::AllocationUpdate {
                 allocation_id: report.allocation_id,
@@ -619,6 +639,36 @@ impl Coordinator {
             };
             self.propose(format!("agent:{agent_id}"), op, None);
         }
+    }
+
+    /// A connected agent's nodes changed: record them as a new registration.
+    fn handle_nodes(
+        &mut self,
+        agent_id: &str,
+        session_id: u64,
+        nodes: Vec<gantry_protocol::NodeCapacity>,
+    ) {
+        let current = self
+            .sessions
+            .get(agent_id)
+            .is_some_and(|s| s.session_id == session_id);
+        if !current || !self.replica.is_leader() {
+            return;
+        }
+        let Some(record) = self.state().agents.get(agent_id) else {
+            return;
+        };
+        if record.register.nodes == nodes {
+            return;
+        }
+        let mut register = record.register.clone();
+        register.nodes = nodes;
+        tracing::info!(agent = %agent_id, nodes = register.nodes.len(), "agent nodes changed");
+        let op = Op::AgentRegistered {
+            agent_id: agent_id.to_string(),
+            register,
+        };
+        self.propose(format!("agent:{agent_id}"), op, None);
     }
 
     fn send_stop(

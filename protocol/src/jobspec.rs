@@ -73,6 +73,11 @@ pub struct JobSpec {
     pub priority: i32,
     #[serde(default)]
     pub preemptible: bool,
+    /// The agent may pull `image` from its registry when the image is not present on the node.
+    /// Off by default: Gantry is offline first, and an image is loaded on the agent host
+    /// (`gantry images load`) or already there. An agent's `allow_pull` allows it for every job.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pull: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<Training>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +120,10 @@ impl<'de> Deserialize<'de> for JobKind {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserialize_name(deserializer, Self::NAMES, Self::from_name)
     }
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 /// What one worker, shard or replica needs.
@@ -1153,6 +1162,7 @@ sites = ["onprem-a", "aws-us-east-1"]
             },
             priority: 0,
             preemptible: false,
+            pull: false,
             training: Some(Training {
                 n_workers: 2,
                 max_restarts: 3,

@@ -136,6 +136,10 @@ pub struct AllocationStateReport {
     pub phase: AllocationPhase,
     /// Agent's wall-clock time of the transition, milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
+    /// The image the unit runs, resolved when it started: `name@sha256:...` from the registry
+    /// digest, or the local image id (`sha256:...`) for an image that never came from a registry.
+    /// Set on the first `Running` report of a container; `None` for processes.
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +168,9 @@ pub enum AgentMessage {
     RenewCertificate {
         csr_der: Vec<u8>,
     },
+    /// The agent's nodes changed (a Kubernetes agent: a node joined, left, or other pods took or
+    /// freed capacity). Replaces the `nodes` of its registration.
+    Nodes(Vec<NodeCapacity>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,8 +430,10 @@ mod tests {
                 fencing: fencing(),
                 phase,
                 at_unix_ms: 1_700_000_000_000,
+                image: Some("registry.local/train@sha256:4f1c".into()),
             }));
         }
+        round_trip(AgentMessage::Nodes(vec![node(), node()]));
         round_trip(AgentMessage::LogChunk(LogChunk {
             allocation_id: "a-1".into(),
             stream: LogStream::Stderr,

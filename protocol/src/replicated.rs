@@ -67,6 +67,12 @@ pub enum Op {
         team: String,
         gpus: Option<u32>,
     },
+    /// The image a container allocation started from, resolved to a digest or image id by its
+    /// agent: what makes the run reproducible.
+    RecordImage {
+        allocation_id: String,
+        image: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,10 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 /// The version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest version this build still speaks. Version 1 (before coordinators could join one
-/// another) was never released, so it is not kept.
-pub const PROTOCOL_VERSION_MIN: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest version this build still speaks. Versions 1 and 2 (before the container runtimes
+/// reported image digests and Kubernetes agents their node changes) were never released, so they
+/// are not kept.
+pub const PROTOCOL_VERSION_MIN: u16 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {

@@ -1,11 +1,12 @@
-//! Runtimes run allocations: one module per runtime behind one trait. Today: `process`; Docker and
-//! Kubernetes follow with their issue.
+//! Runtimes run allocations: one module per runtime behind one trait (`process`, `docker`,
+//! `kubernetes`).
 //!
 //! Architecture invariant: a runtime decides nothing; it starts, stops and reports what it was
 //! told to, and it can list what it is running so a restarted agent can reconcile.
 
 pub mod process;
 
+use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::RuntimeKind;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +28,12 @@ pub struct GpuAssignment {
 pub struct UnitSpec {
     pub allocation_id: String,
     pub job_id: String,
+    /// The job's spec as submitted (validated and canonical): the kind, its section, placement.
+    /// The fields below are what a runtime needs most, already derived from it.
+    pub job: JobSpec,
+    /// The node the scheduler chose, as the agent reported it (a Kubernetes node name for the
+    /// Kubernetes runtime; the host for the others).
+    pub node: String,
     /// Container image, for the container runtimes; the process runtime refuses a unit with one.
     pub image: Option<String>,
     /// argv; the first element is the program.
@@ -37,6 +44,48 @@ pub struct UnitSpec {
     pub gpus: Vec<GpuAssignment>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Serving replicas: the port the replica listens on (also `PORT` in `env`); a container
+    /// runtime publishes it on the node.
+    pub port: Option<u16>,
+    /// The image may be pulled when it is not present (the job's `pull` or the agent's
+    /// `allow_pull`); otherwise a missing image fails the start with a clear reason.
+    pub pull: bool,
+}
+
+impl UnitSpec {
+    /// The unit for one assignment: the job's env with what Gantry adds for this unit on top,
+    /// the job's per-unit resources, the serving port from `PORT`.
+    pub fn new(
+        allocation_id: impl Into<String>,
+        job_id: impl Into<String>,
+        job: JobSpec,
+        node: impl Into<String>,
+        added_env: &BTreeMap<String, String>,
+        gpus: Vec<GpuAssignment>,
+        allow_pull: bool,
+    ) -> Self {
+        let mut env = job.env.clone();
+        env.extend(added_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let port = if job.serving.is_some() {
+            added_env.get("PORT").and_then(|p| p.parse().ok())
+        } else {
+            None
+        };
+        Self {
+            allocation_id: allocation_id.into(),
+            job_id: job_id.into(),
+            node: node.into(),
+            image: job.image.clone(),
+            command: job.command.clone(),
+            env,
+            gpus,
+            cpu_millis: u64::from(job.resources.cpu_millis),
+            memory_bytes: job.resources.memory_bytes,
+            port,
+            pull: allow_pull || job.pull,
+            job,
+        }
+    }
 }
 
 /// How a unit ended.
@@ -51,13 +100,41 @@ pub enum Exit {
     /// The runtime lost track of it (the agent restarted and the process runtime keeps nothing
     /// across restarts; the work was stopped with the agent).
     Lost(String),
+    /// It failed for a reason the runtime can name: killed for memory (OOM), the image could not
+    /// be found or pulled, the cluster could not schedule or evicted it.
+    Failed {
+        exit_code: Option<i32>,
+        reason: String,
+    },
 }
 
 /// What a runtime tells the agent, on the channel given at construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeEvent {
-    Started { allocation_id: String },
-    Exited { allocation_id: String, exit: Exit },
+    /// Running. `image` is the image resolved to a digest or image id (containers only).
+    Started {
+        allocation_id: String,
+        image: Option<String>,
+    },
+    /// From a runtime that checks serving health itself ([`Runtime::checks_health`]): the
+    /// replica became ready (`true`) or stopped being ready (`false`).
+    Health {
+        allocation_id: String,
+        healthy: bool,
+    },
+    Exited {
+        allocation_id: String,
+        exit: Exit,
+    },
+}
+
+/// What a runtime found of an allocation from before the agent restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// Still running: the runtime watches it again and will report its end.
+    Running { image: Option<String> },
+    /// It ended while the agent was away.
+    Ended(Exit),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +166,21 @@ pub struct RuntimeConfig {
 
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
+
+    /// Called once, before any start: what this runtime still holds from an earlier run of the
+    /// agent (containers found by their labels, pods by theirs). Running ones are adopted: the
+    /// runtime watches them again. Ended ones are reported here and cleaned up. The process
+    /// runtime finds nothing: its units died with the agent.
+    fn recover(&self) -> BoxFuture<'_, Vec<(String, Recovered)>> {
+        Box::pin(async { Vec::new() })
+    }
+
+    /// True when the runtime checks serving replicas' health itself (Kubernetes readiness
+    /// probes) and reports [`RuntimeEvent::Health`]; otherwise the agent checks `PORT` on this
+    /// host.
+    fn checks_health(&self) -> bool {
+        false
+    }
 
     /// Starts the unit. Returns once it is running (or failed to start); its end is reported
     /// later as a [`RuntimeEvent::Exited`]. Starting an allocation id that already runs is a

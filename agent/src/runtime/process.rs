@@ -493,6 +493,7 @@ async fn start_unit(
     // Before the monitor exists, so `Started` always precedes `Exited`.
     let _ = inner.events.send(RuntimeEvent::Started {
         allocation_id: allocation_id.clone(),
+        image: None,
     });
     let group = ProcessGroup {
         pgid: pid as libc::pid_t,
@@ -827,16 +828,23 @@ mod tests {
     }
 
     fn unit(allocation_id: &str, command: &[&str]) -> UnitSpec {
-        UnitSpec {
-            allocation_id: allocation_id.into(),
-            job_id: "job-1".into(),
-            image: None,
-            command: command.iter().map(|arg| arg.to_string()).collect(),
-            env: BTreeMap::new(),
-            gpus: Vec::new(),
-            cpu_millis: 1000,
-            memory_bytes: 1 << 30,
-        }
+        let job = gantry_protocol::jobspec::from_json_value(serde_json::json!({
+            "name": "job", "kind": "batch", "command": ["true"],
+            "resources": { "cpus": 1, "memory": "1GiB" },
+        }))
+        .expect("a valid spec");
+        let mut unit = UnitSpec::new(
+            allocation_id,
+            "job-1",
+            job,
+            "node",
+            &BTreeMap::new(),
+            Vec::new(),
+            false,
+        );
+        // Tests also give the runtime units no valid spec could describe.
+        unit.command = command.iter().map(|arg| arg.to_string()).collect();
+        unit
     }
 
     fn sh(allocation_id: &str, script: &str) -> UnitSpec {
@@ -856,7 +864,8 @@ mod tests {
             assert_eq!(
                 event,
                 RuntimeEvent::Started {
-                    allocation_id: allocation_id.into()
+                    allocation_id: allocation_id.into(),
+                    image: None,
                 }
             );
         }
@@ -1356,7 +1365,8 @@ mod tests {
             seen,
             [
                 RuntimeEvent::Started {
-                    allocation_id: dropped()
+                    allocation_id: dropped(),
+                    image: None,
                 },
                 RuntimeEvent::Exited {
                     allocation_id: dropped(),

@@ -48,6 +48,8 @@ pub struct Allocation {
     pub env: BTreeMap<String, String>,
     /// The job's spec generation this allocation runs.
     pub generation: u32,
+    /// For containers: the image resolved to a digest (or local image id) when the unit started.
+    pub image: Option<String>,
     pub created_at_unix_ms: u64,
     pub updated_at_unix_ms: u64,
 }
@@ -544,6 +546,7 @@ impl State {
                     preempted: false,
                     env,
                     generation: job.generation,
+                    image: None,
                     created_at_unix_ms: at,
                     updated_at_unix_ms: at,
                 },
@@ -596,6 +599,24 @@ impl State {
         for allocation_id in lost {
             let phase = AllocationPhase::Lost {
                 reason: format!("agent {agent_id} is down"),
+            };
+            self.apply_allocation_update(&allocation_id, &phase, at);
+        }
+    }
+
+    /// An agent re-registered without some of the nodes it had (a Kubernetes node left its
+    /// cluster): what ran there is lost.
+    pub(crate) fn nodes_gone(&mut self, agent_id: &str, nodes: &[String], at: u64) {
+        let lost: Vec<String> = self
+            .allocations
+            .values()
+            .filter(|a| a.agent_id == agent_id && !a.is_final() && !nodes.contains(&a.node))
+            .map(|a| a.id.clone())
+            .collect();
+        for allocation_id in lost {
+            let node = self.allocations[&allocation_id].node.clone();
+            let phase = AllocationPhase::Lost {
+                reason: format!("node {node} left agent {agent_id}"),
             };
             self.apply_allocation_update(&allocation_id, &phase, at);
         }

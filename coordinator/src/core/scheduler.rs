@@ -1918,6 +1918,7 @@ mod tests {
                         placement: jobspec::Placement::default(),
                         priority: 0,
                         preemptible: false,
+                        pull: false,
                         training: None,
                         batch: None,
                         serving: None,
@@ -2873,6 +2874,7 @@ mod tests {
                     },
                     priority: seed.priority,
                     preemptible: true,
+                    pull: false,
                     training: (kind == JobKind::Training).then(|| Training {
                         n_workers: seed.n_units,
                         ..Training::default()

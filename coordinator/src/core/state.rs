@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// Audit records kept in the state; older ones are dropped first.
 pub const AUDIT_LEN_MAX: usize = 10_000;
 /// Bumped whenever the snapshot encoding changes; an unknown version refuses to restore.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -276,6 +276,8 @@ impl State {
                 }
             }
             Op::AgentRegistered { agent_id, register } => {
+                let nodes: Vec<String> = register.nodes.iter().map(|n| n.name.clone()).collect();
+                self.nodes_gone(agent_id, &nodes, at);
                 self.agents.insert(
                     agent_id.clone(),
                     AgentRecord {
@@ -360,6 +362,15 @@ impl State {
                     format!("quota of team {team}: {gpus:?} GPUs"),
                 );
                 Outcome::QuotaSet
+            }
+            Op::RecordImage {
+                allocation_id,
+                image,
+            } => {
+                if let Some(allocation) = self.allocations.get_mut(allocation_id) {
+                    allocation.image = Some(image.clone());
+                }
+                Outcome::AgentRecorded
             }
         }
     }
