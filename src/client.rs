@@ -71,6 +71,14 @@ impl ApiClient {
             .await
     }
 
+    /// The raw body of a GET (an artifact's bytes).
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let (_, bytes) = self
+            .send_raw(reqwest::Method::GET, path, None::<&()>, None)
+            .await?;
+        Ok(bytes)
+    }
+
     async fn send<B: Serialize, T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -78,6 +86,20 @@ impl ApiClient {
         body: Option<&B>,
         idempotency_key: Option<&str>,
     ) -> Result<T> {
+        let (base, bytes) = self.send_raw(method, path, body, idempotency_key).await?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("parse the answer from {base}{path}"))
+    }
+
+    /// Sends to each coordinator in turn until one answers; the answering base and the body of a
+    /// success, or the error the API gave.
+    async fn send_raw<B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+        idempotency_key: Option<&str>,
+    ) -> Result<(String, Vec<u8>)> {
         let mut failures = Vec::new();
         for base in &self.bases {
             let mut request = self.http.request(method.clone(), format!("{base}{path}"));
@@ -110,8 +132,7 @@ impl ApiClient {
                 .await
                 .with_context(|| format!("read the answer from {base}"))?;
             if status.is_success() {
-                return serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parse the answer from {base}{path}"));
+                return Ok((base.clone(), bytes.to_vec()));
             }
             let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => match body.error.field {

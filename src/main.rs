@@ -109,6 +109,24 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Cluster-wide rules checked when a job is accepted.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A job's artifacts: list them, or write one to a file (or stdout).
+    Artifacts {
+        job: String,
+        /// The artifact to fetch; without it, the job's artifacts are listed.
+        name: Option<String>,
+        /// Where to write the artifact; stdout when absent.
+        #[arg(long, requires = "name")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Team GPU quotas.
     Quota {
         #[command(subcommand)]
@@ -146,6 +164,18 @@ enum QuotaCommand {
     },
     /// List the quotas.
     List,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Show the policy.
+    Show,
+    /// Change the policy.
+    Set {
+        /// Refuse images named by a tag alone: jobs must pin `name@sha256:...` or an image id.
+        #[arg(long, action = clap::ArgAction::Set)]
+        require_digest: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -342,6 +372,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Cluster { command, api } => cluster(&api, command).await,
         Command::Explain { job, output, api } => explain(&api, &job, output).await,
         Command::Quota { command, api } => quota(&api, command).await,
+        Command::Policy { command, api } => policy(&api, command).await,
+        Command::Artifacts {
+            job,
+            name,
+            out,
+            api,
+        } => artifacts(&api, &job, name.as_deref(), out.as_deref()).await,
         Command::Demo { keep } => demo::run(keep).await,
     }
 }
@@ -789,6 +826,48 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
                 .collect();
             print_table(&["TEAM", "GPUS"], &rows);
         }
+    }
+    Ok(())
+}
+
+async fn policy(api: &ApiArgs, command: PolicyCommand) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let policy: serde_json::Value = match command {
+        PolicyCommand::Show => client.get("/v1/policy").await?,
+        PolicyCommand::Set { require_digest } => {
+            client
+                .put(
+                    "/v1/policy",
+                    &serde_json::json!({ "require_digest": require_digest }),
+                )
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&policy)?);
+    Ok(())
+}
+
+async fn artifacts(api: &ApiArgs, job: &str, name: Option<&str>, out: Option<&Path>) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let Some(name) = name else {
+        let view: JobView = client.get(&format!("/v1/jobs/{job}")).await?;
+        let rows: Vec<[String; 3]> = view
+            .artifacts
+            .iter()
+            .map(|a| [a.name.clone(), a.size_bytes.to_string(), a.sha256.clone()])
+            .collect();
+        print_table(&["NAME", "BYTES", "SHA256"], &rows);
+        return Ok(());
+    };
+    let data = client
+        .get_bytes(&format!("/v1/jobs/{job}/artifacts/{name}"))
+        .await?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, &data).with_context(|| format!("write {}", path.display()))?;
+            eprintln!("wrote {} ({} bytes)", path.display(), data.len());
+        }
+        None => std::io::Write::write_all(&mut std::io::stdout(), &data)?,
     }
     Ok(())
 }

@@ -11,10 +11,13 @@
 //! to start anything) so that after a restart the agent can adopt what still runs and report on
 //! the rest.
 
-use crate::runtime::{Exit, GpuAssignment, Recovered, Runtime, RuntimeEvent, UnitSpec};
+use crate::runtime::{
+    Exit, GpuAssignment, Recovered, Runtime, RuntimeEvent, UnitSpec, INPUT_DIR, OUTPUT_DIR,
+};
 use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::{
-    AllocationPhase, AllocationStateReport, Assign, FencingToken, Gpu, RuntimeKind, Stop,
+    AllocationPhase, AllocationStateReport, ArtifactFile, Assign, FencingToken, Gpu, RuntimeKind,
+    Stop,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -42,6 +45,9 @@ struct AssignmentRecord {
     runtime: RuntimeKind,
     /// Serving replicas: the port and path of the health check.
     health: Option<(u16, String)>,
+    /// The job's declared `outputs`, collected when the unit succeeds.
+    #[serde(default)]
+    outputs: Vec<String>,
 }
 
 /// The runtimes this agent may use, as selected at start.
@@ -81,6 +87,8 @@ pub struct Supervisor {
     fencing: BTreeMap<String, FencingToken>,
     /// Which runtime holds each allocation.
     owner: BTreeMap<String, Arc<dyn Runtime>>,
+    /// The declared outputs of each allocation that has any.
+    outputs: BTreeMap<String, Vec<String>>,
     /// Serving replicas' health checks: the port and path, and the task once it runs.
     health: BTreeMap<String, (u16, String)>,
     health_tasks: BTreeMap<String, tokio::task::JoinHandle<()>>,
@@ -116,6 +124,85 @@ fn is_final(phase: &AllocationPhase) -> bool {
     )
 }
 
+/// Writes an assignment's inputs into the allocation's input directory (checked against their
+/// checksums) and makes its output directory.
+fn place_inputs(dir: &Path, inputs: &[ArtifactFile]) -> Result<(), String> {
+    let input_dir = dir.join(INPUT_DIR);
+    let output_dir = dir.join(OUTPUT_DIR);
+    for made in [&input_dir, &output_dir] {
+        std::fs::create_dir_all(made).map_err(|e| format!("create {}: {e}", made.display()))?;
+    }
+    for input in inputs {
+        if !gantry_protocol::jobspec::is_artifact_name(&input.name) {
+            return Err(format!("input name {:?} is not a file name", input.name));
+        }
+        if sha256_hex(&input.data) != input.sha256 {
+            return Err(format!(
+                "input {} arrived damaged: its bytes do not match its checksum",
+                input.name
+            ));
+        }
+        let path = input_dir.join(&input.name);
+        std::fs::write(&path, &input.data)
+            .map_err(|e| format!("write input {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// The files in `dir` that match the job's declared outputs, within the size limits. A declared
+/// name (without `*`) that is missing is an error; a pattern may match nothing.
+fn collect_outputs(dir: &Path, outputs: &[String]) -> Result<Vec<ArtifactFile>, String> {
+    use gantry_protocol::jobspec::{is_artifact_name, output_matches};
+    use gantry_protocol::{ARTIFACTS_BYTES_PER_UNIT_MAX, ARTIFACT_BYTES_MAX};
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| is_artifact_name(name))
+            .filter(|name| outputs.iter().any(|pattern| output_matches(pattern, name)))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("read the outputs in {}: {e}", dir.display())),
+    };
+    names.sort();
+    for declared in outputs.iter().filter(|o| !o.contains('*')) {
+        if !names.contains(declared) {
+            return Err(format!(
+                "it exited 0 without writing its declared output {declared:?} into $GANTRY_OUTPUT_DIR"
+            ));
+        }
+    }
+    let mut files = Vec::new();
+    let mut total = 0usize;
+    for name in names {
+        let data =
+            std::fs::read(dir.join(&name)).map_err(|e| format!("read output {name}: {e}"))?;
+        if data.len() > ARTIFACT_BYTES_MAX {
+            return Err(format!(
+                "its output {name:?} is {} bytes, over the {ARTIFACT_BYTES_MAX}-byte limit of an artifact; put large outputs on a shared path instead",
+                data.len()
+            ));
+        }
+        total += data.len();
+        if total > ARTIFACTS_BYTES_PER_UNIT_MAX {
+            return Err(format!(
+                "its outputs add up to more than the {ARTIFACTS_BYTES_PER_UNIT_MAX} bytes one unit may report"
+            ));
+        }
+        files.push(ArtifactFile {
+            sha256: sha256_hex(&data),
+            name,
+            data,
+        });
+    }
+    Ok(files)
+}
+
 fn read_record(dir: &Path) -> Option<AssignmentRecord> {
     let bytes = std::fs::read(dir.join(ASSIGNMENT_FILE)).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -134,6 +221,7 @@ impl Supervisor {
             gpus,
             fencing: BTreeMap::new(),
             owner: BTreeMap::new(),
+            outputs: BTreeMap::new(),
             health: BTreeMap::new(),
             health_tasks: BTreeMap::new(),
             reports,
@@ -150,6 +238,16 @@ impl Supervisor {
         phase: AllocationPhase,
         image: Option<String>,
     ) {
+        self.send_report(allocation_id, phase, image, Vec::new());
+    }
+
+    fn send_report(
+        &self,
+        allocation_id: &str,
+        phase: AllocationPhase,
+        image: Option<String>,
+        artifacts: Vec<ArtifactFile>,
+    ) {
         let Some(&fencing) = self.fencing.get(allocation_id) else {
             return;
         };
@@ -162,6 +260,7 @@ impl Supervisor {
             phase,
             at_unix_ms: now_unix_ms(),
             image,
+            artifacts,
         };
         let _ = self.reports.send(report);
     }
@@ -203,6 +302,10 @@ impl Supervisor {
                     },
                 );
                 self.owner.insert(allocation_id.clone(), runtime.clone());
+                if !record.outputs.is_empty() {
+                    self.outputs
+                        .insert(allocation_id.clone(), record.outputs.clone());
+                }
                 match recovered {
                     Recovered::Running { image } => {
                         tracing::info!(allocation = %allocation_id, runtime = runtime.kind().as_str(), "adopted a unit that ran on through the agent's restart");
@@ -214,7 +317,7 @@ impl Supervisor {
                             image,
                         });
                     }
-                    Recovered::Ended(exit) => self.report(&allocation_id, phase_of(exit)),
+                    Recovered::Ended(exit) => self.report_exit(&allocation_id, exit),
                 }
             }
         }
@@ -302,6 +405,7 @@ impl Supervisor {
             index: assign.fencing.index,
             runtime: runtime.kind(),
             health,
+            outputs: unit.job.outputs.clone(),
         };
         let dir = self.work_root.join(&assign.allocation_id);
         let written = std::fs::create_dir_all(&dir).and_then(|()| {
@@ -314,6 +418,14 @@ impl Supervisor {
             let reason = format!("cannot record the assignment in {}: {e}", dir.display());
             self.report(&assign.allocation_id, failed(reason));
             return;
+        }
+        if let Err(reason) = place_inputs(&dir, &assign.inputs) {
+            self.report(&assign.allocation_id, failed(reason));
+            return;
+        }
+        if !record.outputs.is_empty() {
+            self.outputs
+                .insert(assign.allocation_id.clone(), record.outputs);
         }
         self.owner
             .insert(assign.allocation_id.clone(), runtime.clone());
@@ -328,6 +440,7 @@ impl Supervisor {
                     phase: failed(e.to_string()),
                     at_unix_ms: now_unix_ms(),
                     image: None,
+                    artifacts: Vec::new(),
                 };
                 let _ = reports.send(report);
             }
@@ -396,8 +509,24 @@ impl Supervisor {
                 }
                 self.health.remove(&allocation_id);
                 self.owner.remove(&allocation_id);
-                self.report(&allocation_id, phase_of(exit));
+                self.report_exit(&allocation_id, exit);
             }
+        }
+    }
+
+    /// Reports how a unit ended; a success carries the declared outputs it wrote (or becomes a
+    /// failure that says which output is missing or too large).
+    fn report_exit(&mut self, allocation_id: &str, exit: Exit) {
+        let outputs = self.outputs.remove(allocation_id).unwrap_or_default();
+        let phase = phase_of(exit);
+        if phase != AllocationPhase::Succeeded || outputs.is_empty() {
+            self.report(allocation_id, phase);
+            return;
+        }
+        let dir = self.work_root.join(allocation_id).join(OUTPUT_DIR);
+        match collect_outputs(&dir, &outputs) {
+            Ok(files) => self.send_report(allocation_id, phase, None, files),
+            Err(reason) => self.report(allocation_id, failed(reason)),
         }
     }
 
@@ -432,6 +561,7 @@ impl HealthCheck {
             phase,
             at_unix_ms: now_unix_ms(),
             image: None,
+            artifacts: Vec::new(),
         };
         let _ = self.reports.send(report);
     }

@@ -226,6 +226,8 @@ fn queue(rng: &mut Rng) -> Vec<QueuedJob> {
             priority: rng.below(4) as i32 - 1,
             preemptible: rng.below(3) == 0,
             pull: false,
+            outputs: Vec::new(),
+            inputs: Vec::new(),
             training: (kind == JobKind::Training).then(|| Training {
                 n_workers: n_units,
                 ..Training::default()

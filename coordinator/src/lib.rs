@@ -7,6 +7,7 @@
 //! shells own all I/O and pass time in.
 
 pub mod api;
+pub mod artifacts;
 pub mod core;
 pub mod data_dir;
 pub mod join;

@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 pub const PEER_QUEUE_LEN_MAX: usize = 4096;
 /// Raft messages sent in one frame at most.
 pub const PEER_BATCH_LEN_MAX: usize = 256;
+/// A batch stops taking messages once it holds this many encoded bytes, so that a frame stays
+/// under the frame limit (4 MiB): Raft sends at most 1 MiB of entries per message unless one
+/// entry is larger, and no command is (artifact bytes never enter the log).
+pub const PEER_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
 
 enum Outgoing {
@@ -193,14 +197,18 @@ async fn run_link(
                 return;
             };
             let mut raft = Vec::new();
+            let mut raft_bytes = 0usize;
             let mut status = None;
             let mut next = Some(first);
             while let Some(outgoing) = next.take() {
                 match outgoing {
-                    Outgoing::Raft(message) => raft.push(message),
+                    Outgoing::Raft(message) => {
+                        raft_bytes += message.compute_size() as usize;
+                        raft.push(message);
+                    }
                     Outgoing::Status { applied_index } => status = Some(applied_index),
                 }
-                if raft.len() < PEER_BATCH_LEN_MAX {
+                if raft.len() < PEER_BATCH_LEN_MAX && raft_bytes < PEER_BATCH_BYTES_MAX {
                     next = queue.try_recv().ok();
                 }
             }

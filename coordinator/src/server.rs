@@ -28,6 +28,8 @@ pub const EVENT_QUEUE_LEN_MAX: usize = 16 * 1024;
 const EVENTS_PER_READY_MAX: usize = 4096;
 /// One Raft tick. Elections after 10 to 20 ticks without a leader; heartbeats every 2.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Every this many ticks a member starts copying the artifacts it lacks.
+const ARTIFACT_SYNC_TICKS: u64 = 10;
 /// A proposal or linearizable read not answered in this time gets a 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopped unit gets between the polite signal and the kill.
@@ -93,6 +95,7 @@ pub enum Query {
     Quotas,
     Agents,
     Cluster,
+    Policy,
 }
 
 /// A job with its allocations, for the API.
@@ -107,6 +110,7 @@ pub enum Answer {
     Quotas(BTreeMap<String, u32>),
     Agents(Vec<AgentView>),
     Cluster(ClusterView),
+    Policy(gantry_protocol::replicated::Policy),
 }
 
 pub enum Event {
@@ -215,6 +219,9 @@ struct Coordinator {
     /// Allocations whose Assign, and whose Stop, went to the agent's current session.
     assigned: BTreeSet<String>,
     stopped: BTreeSet<String>,
+    artifacts: crate::artifacts::ArtifactStore,
+    /// Lets this member copy artifacts from the others.
+    admin_token: String,
 }
 
 impl Coordinator {
@@ -342,6 +349,7 @@ impl Coordinator {
                 Answer::Explain(self.state().jobs.get(id).cloned(), self.explain(id))
             }
             Query::Quotas => Answer::Quotas(self.state().quotas.clone()),
+            Query::Policy => Answer::Policy(self.state().policy.clone()),
             Query::Agents => Answer::Agents(self.agent_views()),
             Query::Cluster => Answer::Cluster(self.cluster_view()),
         }
@@ -522,6 +530,9 @@ impl Coordinator {
 
     fn handle_tick(&mut self) -> Result<()> {
         self.ticks += 1;
+        if self.ticks % ARTIFACT_SYNC_TICKS == 0 {
+            self.sync_artifacts();
+        }
         self.replica
             .tick()
             .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
@@ -622,8 +633,23 @@ impl Coordinator {
             }
             return;
         }
+        let mut report = report;
+        if report.phase == gantry_protocol::AllocationPhase::Succeeded {
+            let files = std::mem::take(&mut report.artifacts);
+            match self.store_artifacts(agent_id, &report.allocation_id, files) {
+                Ok(Some(op)) => self.propose(format!("agent:{agent_id}"), op, None),
+                Ok(None) => {}
+                Err(reason) => {
+                    report.phase = gantry_protocol::AllocationPhase::Failed {
+                        exit_code: None,
+                        reason: format!("the unit succeeded, but {reason}"),
+                    }
+                }
+            }
+        }
         if let Some(image) = report
             .image
+            .clone()
             .filter(|i| allocation.image.as_ref() != Some(i))
         {
             let op = Op::RecordImage {
@@ -669,6 +695,95 @@ impl Coordinator {
             register,
         };
         self.propose(format!("agent:{agent_id}"), op, None);
+    }
+
+    /// A job's inputs from this member's store; `None` while one is still being copied here.
+    fn input_files(
+        &self,
+        job: &crate::core::state::Job,
+    ) -> Option<Vec<gantry_protocol::ArtifactFile>> {
+        let mut files = Vec::with_capacity(job.inputs.len());
+        for input in &job.inputs {
+            match self.artifacts.get(&input.sha256) {
+                Ok(Some(data)) => files.push(gantry_protocol::ArtifactFile {
+                    name: input.name.clone(),
+                    sha256: input.sha256.clone(),
+                    data,
+                }),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, "{e}");
+                    return None;
+                }
+            }
+        }
+        Some(files)
+    }
+
+    /// Starts copying the artifacts this member lacks from the members that have them.
+    fn sync_artifacts(&self) {
+        let members: Vec<(u64, String)> = self
+            .state()
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.replica.id())
+            .map(|(id, m)| (*id, m.http_addr.clone()))
+            .collect();
+        for (sha256, holder) in self.state().artifact_checksums() {
+            if self.artifacts.has(sha256) {
+                continue;
+            }
+            let mut sources: Vec<(bool, String)> = members
+                .iter()
+                .map(|(id, addr)| (*id != holder, addr.clone()))
+                .collect();
+            sources.sort();
+            self.artifacts.fetch_in_background(
+                sha256.clone(),
+                sources.into_iter().map(|(_, addr)| addr).collect(),
+                self.admin_token.clone(),
+            );
+        }
+    }
+
+    /// Stores the outputs a succeeded unit reported and proposes their record; `Err` names what
+    /// is wrong with them (the unit then counts as failed).
+    fn store_artifacts(
+        &self,
+        agent_id: &str,
+        allocation_id: &str,
+        files: Vec<gantry_protocol::ArtifactFile>,
+    ) -> Result<Option<Op>, String> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let total: usize = files.iter().map(|f| f.data.len()).sum();
+        if total > gantry_protocol::ARTIFACTS_BYTES_PER_UNIT_MAX {
+            return Err(format!(
+                "its outputs add up to {total} bytes, over the {} one unit may report",
+                gantry_protocol::ARTIFACTS_BYTES_PER_UNIT_MAX
+            ));
+        }
+        let mut metas = Vec::with_capacity(files.len());
+        for file in files {
+            if !gantry_protocol::jobspec::is_artifact_name(&file.name) {
+                return Err(format!("output name {:?} is not a file name", file.name));
+            }
+            self.artifacts
+                .put(&file.sha256, &file.data)
+                .map_err(|e| format!("output {}: {e}", file.name))?;
+            metas.push(gantry_protocol::replicated::ArtifactMeta {
+                name: file.name,
+                sha256: file.sha256,
+                size_bytes: file.data.len() as u64,
+            });
+        }
+        tracing::info!(agent = %agent_id, allocation = %allocation_id, files = metas.len(), "stored outputs");
+        Ok(Some(Op::RecordArtifacts {
+            allocation_id: allocation_id.to_string(),
+            holder: self.replica.id(),
+            files: metas,
+        }))
     }
 
     fn send_stop(
@@ -723,6 +838,10 @@ impl Coordinator {
                 let Some(job) = self.state().jobs.get(&allocation.job_id) else {
                     continue;
                 };
+                let Some(inputs) = self.input_files(job) else {
+                    // Not copied to this member yet; the next pass tries again.
+                    continue;
+                };
                 let assign = gantry_protocol::Assign {
                     allocation_id: allocation.id.clone(),
                     fencing,
@@ -731,6 +850,7 @@ impl Coordinator {
                     spec_json: job.spec_json.clone(),
                     env: allocation.env.clone(),
                     gpus: allocation.gpus.clone(),
+                    inputs,
                 };
                 if session
                     .outbox
@@ -1102,7 +1222,13 @@ pub async fn run_with(
     ));
     let endpoint = quic::endpoint(&files, listeners.quic)?;
     let quic_task = AbortOnDrop(tokio::spawn(quic::serve(endpoint.clone(), quic_context)));
-    let api_state = Arc::new(api::ApiState::new(&files, events_tx.clone()));
+    let artifacts = crate::artifacts::ArtifactStore::open(&config.data_dir)
+        .context("open the artifact store")?;
+    let api_state = Arc::new(api::ApiState::new(
+        &files,
+        events_tx.clone(),
+        artifacts.clone(),
+    ));
     listeners
         .http
         .set_nonblocking(true)
@@ -1128,6 +1254,8 @@ pub async fn run_with(
 
     let mut coordinator = Coordinator {
         peers: PeerTransport::new(node_id, files.credentials.clone(), events_tx.clone()),
+        artifacts,
+        admin_token: files.admin_token.clone(),
         config,
         started: Instant::now(),
         replica,

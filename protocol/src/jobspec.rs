@@ -78,6 +78,16 @@ pub struct JobSpec {
     /// (`gantry images load`) or already there. An agent's `allow_pull` allows it for every job.
     #[serde(default, skip_serializing_if = "is_false")]
     pub pull: bool,
+    /// Files each unit leaves in `$GANTRY_OUTPUT_DIR` that become the job's artifacts when the
+    /// unit succeeds: names, or patterns with one `*` (`predictions-*.jsonl`, for shards). A
+    /// name without `*` that a succeeded unit did not write fails that unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    /// Artifacts of earlier jobs placed in `$GANTRY_INPUT_DIR` before each unit starts, as
+    /// `JOB/NAME`: JOB is a job id, or the name of the newest job by that name that holds the
+    /// artifact. Resolved to a checksum when the job is accepted, so a rerun sees the same bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<Training>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,6 +130,83 @@ impl<'de> Deserialize<'de> for JobKind {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserialize_name(deserializer, Self::NAMES, Self::from_name)
     }
+}
+
+/// Outputs and inputs a job may declare, each.
+pub const ARTIFACTS_DECLARED_MAX: usize = 16;
+
+/// An artifact's name: a file name of `[A-Za-z0-9._-]`, at most 128 bytes, not `.` or `..`.
+pub fn is_artifact_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `name` matches an `outputs` entry (a name, or a pattern with one `*`).
+pub fn output_matches(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, suffix)) => {
+            name.len() >= prefix.len() + suffix.len()
+                && name.starts_with(prefix)
+                && name.ends_with(suffix)
+        }
+    }
+}
+
+fn validate_artifacts(outputs: &[String], inputs: &[String]) -> Result<(), SpecError> {
+    for (field, list) in [("outputs", outputs), ("inputs", inputs)] {
+        if list.len() > ARTIFACTS_DECLARED_MAX {
+            return Err(SpecError::new(
+                field,
+                format!(
+                    "must have at most {ARTIFACTS_DECLARED_MAX} entries, got {}",
+                    list.len()
+                ),
+            ));
+        }
+    }
+    for (i, output) in outputs.iter().enumerate() {
+        let stars = output.matches('*').count();
+        if stars > 1 || !is_artifact_name(&output.replace('*', "x")) {
+            return Err(SpecError::new(
+                format!("outputs[{i}]"),
+                format!("must be a file name of letters, digits, '.', '_' and '-' (at most 128), with at most one '*', got {output:?}"),
+            ));
+        }
+        if outputs[..i].contains(output) {
+            return Err(SpecError::new(
+                format!("outputs[{i}]"),
+                format!("{output:?} is given twice"),
+            ));
+        }
+    }
+    for (i, input) in inputs.iter().enumerate() {
+        let valid = input.split_once('/').is_some_and(|(job, name)| {
+            !job.is_empty() && !job.contains('/') && is_artifact_name(name)
+        });
+        if !valid {
+            return Err(SpecError::new(
+                format!("inputs[{i}]"),
+                format!("must be JOB/NAME (a job id or name, and an artifact's file name), got {input:?}"),
+            ));
+        }
+        let name = &input[input.find('/').map_or(0, |i| i + 1)..];
+        if inputs[..i]
+            .iter()
+            .any(|other| other.ends_with(&format!("/{name}")))
+        {
+            return Err(SpecError::new(
+                format!("inputs[{i}]"),
+                format!("another input is also named {name:?}: inputs share one directory"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_false(value: &bool) -> bool {
@@ -741,7 +828,16 @@ impl JobSpec {
         validate_resources(&self.resources)?;
         validate_placement(&self.placement)?;
         check_range("priority", self.priority, PRIORITY_RANGE)?;
+        validate_artifacts(&self.outputs, &self.inputs)?;
         self.validate_kind_section()
+    }
+
+    /// `(job, name)` of each of `inputs`; call on a validated spec.
+    pub fn input_refs(&self) -> Vec<(&str, &str)> {
+        self.inputs
+            .iter()
+            .filter_map(|input| input.split_once('/'))
+            .collect()
     }
 
     /// Workers (training), shards (batch) or replicas (serving).
@@ -1035,6 +1131,25 @@ fn validate_placement(placement: &Placement) -> Result<(), SpecError> {
 }
 
 #[cfg(test)]
+mod artifact_tests {
+    use super::output_matches;
+
+    #[test]
+    fn output_patterns_match_names_and_one_star() {
+        assert!(output_matches("model.json", "model.json"));
+        assert!(!output_matches("model.json", "model.jsonl"));
+        assert!(output_matches("predictions-*.jsonl", "predictions-3.jsonl"));
+        assert!(output_matches("predictions-*.jsonl", "predictions-.jsonl"));
+        assert!(!output_matches("predictions-*.jsonl", "predictions-3.json"));
+        assert!(
+            !output_matches("ab*ba", "aba"),
+            "prefix and suffix may not overlap"
+        );
+        assert!(output_matches("*", "anything"));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use SpecFormat::{Json, Toml, Yaml};
@@ -1163,6 +1278,8 @@ sites = ["onprem-a", "aws-us-east-1"]
             priority: 0,
             preemptible: false,
             pull: false,
+            outputs: Vec::new(),
+            inputs: Vec::new(),
             training: Some(Training {
                 n_workers: 2,
                 max_restarts: 3,
@@ -1323,6 +1440,15 @@ sites = ["onprem-a", "aws-us-east-1"]
             (training!("priority: 1001"), Yaml, Invalid("priority", "must be at most 1000, got 1001")),
             (training!("priority: -1001"), Yaml, Invalid("priority", "must be at least -1000, got -1001")),
             (training!("preemptible: true"), Yaml, Valid(|s| s.preemptible)),
+            // outputs and inputs.
+            (training!("outputs: [model.json, \"shard-*.jsonl\"]"), Yaml, Valid(|s| s.outputs.len() == 2)),
+            (training!("outputs: [\"a*b*\"]"), Yaml, Invalid("outputs[0]", "at most one '*'")),
+            (training!("outputs: [../etc]"), Yaml, Invalid("outputs[0]", "file name")),
+            (training!("outputs: [m.json, m.json]"), Yaml, Invalid("outputs[1]", "given twice")),
+            (training!("inputs: [train/model.json]"), Yaml, Valid(|s| s.input_refs() == [("train", "model.json")])),
+            (training!("inputs: [model.json]"), Yaml, Invalid("inputs[0]", "must be JOB/NAME")),
+            (training!("inputs: [a/b/c]"), Yaml, Invalid("inputs[0]", "must be JOB/NAME")),
+            (training!("inputs: [a/m.json, b/m.json]"), Yaml, Invalid("inputs[1]", "also named \"m.json\"")),
             (training!("preemptible: yes"), Yaml, Invalid("preemptible", "must be true or false, got string \"yes\"")),
             // training.
             (training!("training: { workers: 1024 }"), Yaml, Valid(|s| s.units() == 1024 && s.training.as_ref().unwrap().max_restarts == 3)),

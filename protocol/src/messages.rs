@@ -140,7 +140,25 @@ pub struct AllocationStateReport {
     /// digest, or the local image id (`sha256:...`) for an image that never came from a registry.
     /// Set on the first `Running` report of a container; `None` for processes.
     pub image: Option<String>,
+    /// With `Succeeded`: the files of the job's declared `outputs` the unit wrote.
+    pub artifacts: Vec<ArtifactFile>,
 }
+
+/// A small file carried with a report (an output) or an assignment (an input).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactFile {
+    pub name: String,
+    /// Lowercase hex SHA-256 of `data`; the receiver checks it.
+    pub sha256: String,
+    pub data: Vec<u8>,
+}
+
+/// One artifact file at most, and all the artifacts one unit reports or one assignment carries
+/// together: far below the frame limit, since they travel in a report, a Raft entry or an
+/// assignment. Larger outputs (model weights of real size) belong on a shared path or an object
+/// store that the job names itself.
+pub const ARTIFACT_BYTES_MAX: usize = 1024 * 1024;
+pub const ARTIFACTS_BYTES_PER_UNIT_MAX: usize = 3 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogStream {
@@ -193,6 +211,8 @@ pub struct Assign {
     pub env: BTreeMap<String, String>,
     /// GPU indexes on the node given to this unit.
     pub gpus: Vec<u32>,
+    /// The job's `inputs`, to be placed in the unit's input directory before it starts.
+    pub inputs: Vec<ArtifactFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,6 +451,11 @@ mod tests {
                 phase,
                 at_unix_ms: 1_700_000_000_000,
                 image: Some("registry.local/train@sha256:4f1c".into()),
+                artifacts: vec![ArtifactFile {
+                    name: "model.json".into(),
+                    sha256: "00".repeat(32),
+                    data: b"{}".to_vec(),
+                }],
             }));
         }
         round_trip(AgentMessage::Nodes(vec![node(), node()]));
@@ -463,6 +488,11 @@ mod tests {
             spec_json: "{}".into(),
             env: BTreeMap::from([("RANK".into(), "0".into())]),
             gpus: vec![0, 3],
+            inputs: vec![ArtifactFile {
+                name: "model.json".into(),
+                sha256: "11".repeat(32),
+                data: vec![7; 64],
+            }],
         }));
         round_trip(CoordinatorMessage::Stop(Stop {
             allocation_id: "a-1".into(),

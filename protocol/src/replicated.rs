@@ -73,6 +73,30 @@ pub enum Op {
         allocation_id: String,
         image: String,
     },
+    /// Cluster-wide rules checked when a job is accepted.
+    SetPolicy(Policy),
+    /// Outputs a succeeded unit reported. The bytes are not in the log: the coordinator that
+    /// received them stored them under their checksum (`holder`), and the others copy them from
+    /// a member that has them.
+    RecordArtifacts {
+        allocation_id: String,
+        holder: u64,
+        files: Vec<ArtifactMeta>,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Refuse jobs whose image is named by a tag alone: it must be pinned by digest
+    /// (`name@sha256:...`) or be an image id (`sha256:...`).
+    pub require_digest: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactMeta {
+    pub name: String,
+    pub sha256: String,
+    pub size_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

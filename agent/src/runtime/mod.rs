@@ -88,6 +88,22 @@ impl UnitSpec {
     }
 }
 
+/// Inside an allocation's directory: where the supervisor puts the job's inputs before the unit
+/// starts, and where the unit leaves its outputs.
+pub const INPUT_DIR: &str = "in";
+pub const OUTPUT_DIR: &str = "out";
+
+/// `GANTRY_ALLOC_DIR`, `GANTRY_INPUT_DIR` and `GANTRY_OUTPUT_DIR` for a unit that sees its
+/// allocation directory at `dir` (the host path for a process, the mount point in a container).
+pub fn allocation_dirs_env(dir: &std::path::Path) -> [(String, String); 3] {
+    let shown = |path: &std::path::Path| path.to_string_lossy().into_owned();
+    [
+        ("GANTRY_ALLOC_DIR".into(), shown(dir)),
+        ("GANTRY_INPUT_DIR".into(), shown(&dir.join(INPUT_DIR))),
+        ("GANTRY_OUTPUT_DIR".into(), shown(&dir.join(OUTPUT_DIR))),
+    ]
+}
+
 /// How a unit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {

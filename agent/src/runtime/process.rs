@@ -17,8 +17,9 @@
 //! `USER`, `LOGNAME`, `LANG`, `LC_ALL`, `TZ` and `TMPDIR` where set; then the unit's own env;
 //! then, overriding the unit's env, `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES` (the
 //! assigned GPUs, comma-separated, by UUID where known, else by index; empty when no GPU is
-//! assigned), `GANTRY_ALLOCATION_ID` and `GANTRY_JOB_ID`. Nothing else of the agent's environment
-//! is passed on, in particular no `GANTRY_*` variable (the join token may be one).
+//! assigned), `GANTRY_ALLOCATION_ID`, `GANTRY_JOB_ID`, and the allocation's directories
+//! `GANTRY_ALLOC_DIR` (also the working directory), `GANTRY_INPUT_DIR` and `GANTRY_OUTPUT_DIR`.
+//! Nothing else of the agent's environment is passed on, in particular no `GANTRY_*` variable (the join token may be one).
 //!
 //! Log policy: stdout and stderr go to `stdout.log` and `stderr.log` in the allocation's
 //! directory. When a file reaches `log_bytes_max` it is renamed to `<name>.1` (replacing the
@@ -466,7 +467,13 @@ async fn start_unit(
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
 
-    let command = build_command(&unit, &work_dir, unit_env(&unit, std::env::vars_os()));
+    let mut env = unit_env(&unit, std::env::vars_os());
+    env.extend(
+        super::allocation_dirs_env(&work_dir)
+            .into_iter()
+            .map(|(name, value)| (name.into(), value.into())),
+    );
+    let command = build_command(&unit, &work_dir, env);
     let mut child = spawn_on_spawner_thread(spawner, command)
         .await
         .map_err(|e| start_error(&allocation_id, format!("run {:?}: {e}", unit.command[0])))?;
@@ -1075,6 +1082,9 @@ mod tests {
             "NVIDIA_VISIBLE_DEVICES=GPU-uuid-a,1",
             "GANTRY_ALLOCATION_ID=env-1",
             "GANTRY_JOB_ID=job-1",
+            format!("GANTRY_ALLOC_DIR={}", work_dir.display()).as_str(),
+            format!("GANTRY_INPUT_DIR={}", work_dir.join("in").display()).as_str(),
+            format!("GANTRY_OUTPUT_DIR={}", work_dir.join("out").display()).as_str(),
         ] {
             assert!(
                 lines.contains(&expected),
@@ -1090,7 +1100,7 @@ mod tests {
             .filter(|line| line.starts_with("GANTRY_"))
             .map(|line| line.split('=').next().unwrap())
             .collect();
-        assert_eq!(gantry_names.len(), 2, "{gantry_names:?}");
+        assert_eq!(gantry_names.len(), 5, "{gantry_names:?}");
         let cwd = stdout
             .lines()
             .find_map(|line| line.strip_prefix("cwd="))

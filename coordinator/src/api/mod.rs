@@ -41,11 +41,17 @@ pub struct ApiState {
     pub cluster_key: Vec<u8>,
     pub ca_sha256_hex: String,
     http: reqwest::Client,
+    artifacts: crate::artifacts::ArtifactStore,
 }
 
 impl ApiState {
-    pub fn new(files: &ClusterFiles, handle: Handle) -> Self {
+    pub fn new(
+        files: &ClusterFiles,
+        handle: Handle,
+        artifacts: crate::artifacts::ArtifactStore,
+    ) -> Self {
         Self {
+            artifacts,
             handle,
             admin_token_sha256: digest(&SHA256, files.admin_token.as_bytes())
                 .as_ref()
@@ -142,6 +148,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(get_job).delete(cancel_job).put(update_job),
         )
         .route("/v1/jobs/{id}/explain", get(explain_job))
+        .route("/v1/jobs/{id}/artifacts/{name}", get(get_job_artifact))
+        .route("/v1/artifacts/{sha256}", get(get_artifact))
+        .route("/v1/policy", get(get_policy).put(set_policy))
         .route("/v1/quotas", get(list_quotas))
         .route("/v1/quotas/{team}", axum::routing::put(set_quota))
         .route("/v1/cluster", get(cluster_status))
@@ -356,7 +365,136 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
         failure: job.failure.clone(),
         allocations,
         spec,
+        inputs: job
+            .inputs
+            .iter()
+            .map(|i| InputView {
+                name: i.name.clone(),
+                job: i.job_id.clone(),
+                sha256: i.sha256.clone(),
+                size_bytes: i.size_bytes,
+            })
+            .collect(),
+        artifacts: job
+            .artifacts
+            .values()
+            .map(|a| ArtifactView {
+                name: a.name.clone(),
+                sha256: a.sha256.clone(),
+                size_bytes: a.size_bytes,
+            })
+            .collect(),
     }
+}
+
+async fn get_policy(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Json<PolicyView>, ApiError> {
+    match read(&state, Query::Policy, &params).await? {
+        Answer::Policy(policy) => Ok(Json(PolicyView {
+            require_digest: policy.require_digest,
+        })),
+        _ => unreachable!("a policy query answers the policy"),
+    }
+}
+
+async fn set_policy(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request: PolicyView = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return ApiError::invalid_field(
+                "require_digest",
+                format!("expected {{\"require_digest\": true|false}}: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let op = Op::SetPolicy(gantry_protocol::replicated::Policy {
+        require_digest: request.require_digest,
+    });
+    write(
+        &state,
+        op,
+        (Method::PUT, "/v1/policy", &headers, body),
+        |outcome| match outcome {
+            Outcome::PolicySet => Json(request).into_response(),
+            other => ApiError::unexpected(&other).into_response(),
+        },
+    )
+    .await
+}
+
+/// An artifact's bytes from this member's store (members copy from one another with this).
+async fn get_artifact(State(state): State<Arc<ApiState>>, Path(sha256): Path<String>) -> Response {
+    match state.artifacts.get(&sha256) {
+        Ok(Some(data)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
+        }
+        Ok(None) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("this member holds no artifact {sha256}"),
+        )
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e).into_response(),
+    }
+}
+
+/// A job's artifact by name: from this member's store, else copied from another member.
+async fn get_job_artifact(
+    State(state): State<Arc<ApiState>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+) -> Result<Response, ApiError> {
+    let job = match read(&state, Query::Job(id.clone()), &params).await? {
+        Answer::Job(Some((job, _))) => job,
+        Answer::Job(None) => return Err(ApiError::no_job(&id)),
+        _ => unreachable!("a job query answers a job"),
+    };
+    let Some(artifact) = job.artifacts.get(&name) else {
+        let held: Vec<&String> = job.artifacts.keys().collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("job {id} has no artifact {name:?}; it has {held:?}"),
+        ));
+    };
+    let data = match state
+        .artifacts
+        .get(&artifact.sha256)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?
+    {
+        Some(data) => data,
+        None => {
+            let members = match read(&state, Query::Cluster, &params).await? {
+                Answer::Cluster(cluster) => cluster
+                    .members
+                    .into_iter()
+                    .filter(|m| m.id != cluster.node)
+                    .map(|m| m.http_addr)
+                    .collect::<Vec<_>>(),
+                _ => unreachable!("a cluster query answers the cluster"),
+            };
+            let token = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .to_string();
+            state
+                .artifacts
+                .fetch(&artifact.sha256, &members, &token)
+                .await
+                .map_err(ApiError::unavailable)?
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
 fn new_job_id() -> String {
@@ -435,6 +573,9 @@ async fn submit_job(
                 format!("Idempotency-Key {key:?} was used for job {job_id} with a different spec"),
             )
             .into_response(),
+            Outcome::SubmitRefused { field, reason } => {
+                ApiError::invalid_field(&field, format!("{field}: {reason}")).into_response()
+            }
             other => ApiError::unexpected(&other).into_response(),
         },
     )
@@ -716,6 +857,9 @@ async fn update_job(
                 format!("job {job_id} cannot take this spec: {reason}"),
             )
             .into_response(),
+            Outcome::SubmitRefused { field, reason } => {
+                ApiError::invalid_field(&field, format!("{field}: {reason}")).into_response()
+            }
             other => ApiError::unexpected(&other).into_response(),
         },
     )

@@ -121,6 +121,37 @@ pub struct JobView {
     pub failure: Option<String>,
     /// Every allocation the job has had, oldest first per unit.
     pub allocations: Vec<AllocationView>,
+    /// The spec's `inputs`, resolved to the artifacts they read when the job was accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputView>,
+    /// Outputs its succeeded units reported (`GET /v1/jobs/{id}/artifacts/{name}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputView {
+    pub name: String,
+    /// The job that produced it.
+    pub job: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactView {
+    pub name: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// Cluster-wide rules checked when a job is accepted (`GET`/`PUT /v1/policy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyView {
+    /// Refuse images named by a tag alone (`name:tag`): they must be pinned by digest
+    /// (`name@sha256:...`) or be an image id (`sha256:...`).
+    pub require_digest: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

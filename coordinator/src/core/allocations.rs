@@ -175,7 +175,12 @@ impl State {
                 generation: job.generation,
             };
         }
+        let inputs = match self.admit(&new) {
+            Ok(inputs) => inputs,
+            Err(refusal) => return refusal,
+        };
         let job = self.jobs.get_mut(job_id).expect("checked above");
+        job.inputs = inputs;
         job.spec_json = spec_json.to_string();
         job.generation += 1;
         job.updated_at_unix_ms = at;

@@ -1,6 +1,7 @@
 //! The coordinator's pure core: no tokio, no I/O, no clock. Events in, decisions out.
 
 pub mod allocations;
+pub mod artifacts;
 pub mod liveness;
 pub mod scheduler;
 pub mod state;

@@ -1919,6 +1919,8 @@ mod tests {
                         priority: 0,
                         preemptible: false,
                         pull: false,
+                        outputs: Vec::new(),
+                        inputs: Vec::new(),
                         training: None,
                         batch: None,
                         serving: None,
@@ -2875,6 +2877,8 @@ mod tests {
                     priority: seed.priority,
                     preemptible: true,
                     pull: false,
+                    outputs: Vec::new(),
+                    inputs: Vec::new(),
                     training: (kind == JobKind::Training).then(|| Training {
                         n_workers: seed.n_units,
                         ..Training::default()

@@ -85,6 +85,10 @@ pub struct Job {
     pub failure: Option<String>,
     /// Bumped by each spec update; allocations of an older generation are rolled over.
     pub generation: u32,
+    /// The spec's `inputs`, resolved to checksums when the job (or its last update) was accepted.
+    pub inputs: Vec<crate::core::artifacts::ResolvedInput>,
+    /// Outputs its succeeded units reported, by name.
+    pub artifacts: BTreeMap<String, gantry_protocol::replicated::ArtifactMeta>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +148,12 @@ pub enum Outcome {
     UnknownAgent {
         agent_id: String,
     },
+    /// The job breaks the cluster's policy or names inputs that do not exist.
+    SubmitRefused {
+        field: String,
+        reason: String,
+    },
+    PolicySet,
     /// The entry did not decode: it is skipped on every replica alike.
     Invalid {
         reason: String,
@@ -158,6 +168,9 @@ pub struct State {
     pub allocations: BTreeMap<String, crate::core::allocations::Allocation>,
     /// GPUs each team may hold at once.
     pub quotas: BTreeMap<String, u32>,
+    pub policy: gantry_protocol::replicated::Policy,
+    /// Each artifact checksum recorded, and the member whose store first held its bytes.
+    pub(crate) artifact_holders: BTreeMap<String, u64>,
     idempotency: BTreeMap<String, IdempotencyRecord>,
     pub audit: VecDeque<AuditRecord>,
     /// The index of the last applied entry.
@@ -221,6 +234,14 @@ impl State {
                         created: false,
                     };
                 }
+                let inputs = match serde_json::from_str(spec_json) {
+                    Ok(spec) => match self.admit(&spec) {
+                        Ok(inputs) => inputs,
+                        Err(refusal) => return refusal,
+                    },
+                    // Tests submit placeholder specs; a real one was validated by the API.
+                    Err(_) => Vec::new(),
+                };
                 self.jobs.insert(
                     job_id.clone(),
                     Job {
@@ -238,6 +259,8 @@ impl State {
                         attempts: BTreeMap::new(),
                         failure: None,
                         generation: 0,
+                        inputs,
+                        artifacts: BTreeMap::new(),
                     },
                 );
                 if let Some(key) = idempotency_key {
@@ -362,6 +385,19 @@ impl State {
                     format!("quota of team {team}: {gpus:?} GPUs"),
                 );
                 Outcome::QuotaSet
+            }
+            Op::SetPolicy(policy) => {
+                self.policy = policy.clone();
+                self.audit(index, at, actor, format!("policy: {policy:?}"));
+                Outcome::PolicySet
+            }
+            Op::RecordArtifacts {
+                allocation_id,
+                holder,
+                files,
+            } => {
+                self.record_artifacts(allocation_id, *holder, files);
+                Outcome::AgentRecorded
             }
             Op::RecordImage {
                 allocation_id,
