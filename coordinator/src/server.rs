@@ -530,7 +530,7 @@ impl Coordinator {
 
     fn handle_tick(&mut self) -> Result<()> {
         self.ticks += 1;
-        if self.ticks % ARTIFACT_SYNC_TICKS == 0 {
+        if self.ticks.is_multiple_of(ARTIFACT_SYNC_TICKS) {
             self.sync_artifacts();
         }
         self.replica
