@@ -14,7 +14,7 @@ use gantry_coordinator::api::types::{
     ClusterView, CreateTokenRequest, CreateTokenResponse, JobView, NodeView, SubmitJobResponse,
 };
 pub(crate) use output::print_table;
-use output::{emit, local_time_ago, now_unix_ms, state_colour, Output};
+use output::{emit, local_time_ago, now_unix_ms, Output};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -534,7 +534,7 @@ async fn list_nodes(api: &ApiArgs, output: Output) -> Result<()> {
                 "ID", "NAME", "SITE", "STATUS", "SINCE", "CPUS", "MEMORY", "GPUS", "RUNTIMES",
             ],
             &rows,
-            |column, cell| (column == 3).then(|| state_colour(cell)).flatten(),
+            output::state_column(3),
         );
     })
 }
@@ -621,7 +621,7 @@ async fn list_jobs(api: &ApiArgs, output: Output) -> Result<()> {
                 "DURATION",
             ],
             &rows,
-            |column, cell| (column == 4).then(|| state_colour(cell)).flatten(),
+            output::state_column(4),
         );
     })
 }
@@ -656,9 +656,7 @@ fn print_job(view: &JobView) {
     if let Some(took) = job_took(view) {
         rows.push(["DURATION".into(), took]);
     }
-    output::print_table_coloured(&["FIELD", "VALUE"], &rows, |column, cell| {
-        (column == 1).then(|| state_colour(cell)).flatten()
-    });
+    output::print_table_coloured(&["FIELD", "VALUE"], &rows, output::state_column(1));
     println!(
         "progress {}/{}, restarts {}",
         view.progress.succeeded, view.progress.total, view.restarts
@@ -689,7 +687,7 @@ fn print_job(view: &JobView) {
         output::print_table_coloured(
             &["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"],
             &rows,
-            |column, cell| (column == 3).then(|| state_colour(cell)).flatten(),
+            output::state_column(3),
         );
     }
 }
@@ -740,7 +738,7 @@ async fn cluster(api: &ApiArgs, command: ClusterCommand) -> Result<()> {
                 output::print_table_coloured(
                     &["ID", "ADDR", "HTTP", "ROLE", "APPLIED"],
                     &rows,
-                    |column, cell| (column == 3).then(|| state_colour(cell)).flatten(),
+                    output::state_column(3),
                 );
             })?;
         }

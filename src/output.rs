@@ -109,6 +109,17 @@ pub fn state_colour(state: &str) -> Option<&'static str> {
     }
 }
 
+/// For [`print_table_coloured`]: colours the state words of column `state_column_idx`.
+pub fn state_column(state_column_idx: usize) -> impl Fn(usize, &str) -> Option<&'static str> {
+    move |column_idx, cell| {
+        if column_idx == state_column_idx {
+            state_colour(cell)
+        } else {
+            None
+        }
+    }
+}
+
 /// Prints aligned columns. No colour.
 pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     print_table_coloured(header, rows, |_, _| None);
