@@ -151,8 +151,40 @@ impl ApiClient {
             if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
                 bail!("{message}\nset GANTRY_TOKEN or pass --token");
             }
-            bail!("{status}: {message}");
+            return Err(ApiError {
+                status: status.as_u16(),
+                message: format!("{status}: {message}"),
+            }
+            .into());
         }
-        bail!("no coordinator answered: {}", failures.join("; "))
+        Err(Unreachable(failures.join("; ")).into())
     }
 }
+
+/// The API answered with an error status; the CLI's exit code follows `status`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    /// The status and the API's message, as shown to the user.
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// No coordinator answered (or each answered 503): worth retrying later.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no coordinator answered: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}

@@ -1,7 +1,9 @@
 //! `gantry demo`: a whole local fleet in one process on loopback, with nothing to install and no
 //! network: a coordinator with a fresh CA, three agents standing for a hybrid fleet (on-prem GPUs,
 //! cloud GPUs, a CPU-only host) that join with a token over QUIC and mutual TLS, one of them
-//! killed and brought back with its stored certificate.
+//! killed and brought back with its stored certificate; then ML work on it (see [`ml`]).
+
+mod ml;
 
 use crate::client::ApiClient;
 use anyhow::{bail, Context, Result};
@@ -140,13 +142,14 @@ pub async fn run(keep: bool) -> Result<()> {
         .await?;
     println!("2. join token created (pins the CA's SHA-256, valid 10 minutes)");
 
+    let serving_ports = ml::serving_ports()?;
     let mut agents = Vec::new();
     for (name, config) in FLEET {
         agents.push(start_agent(
             quic,
             dir.path(),
             name,
-            config,
+            &format!("{serving_ports}{config}"),
             Some(token.token.clone()),
         )?);
     }
@@ -183,7 +186,13 @@ pub async fn run(keep: bool) -> Result<()> {
 
     agents.insert(
         1,
-        start_agent(quic, dir.path(), FLEET[1].0, FLEET[1].1, None)?,
+        start_agent(
+            quic,
+            dir.path(),
+            FLEET[1].0,
+            &format!("{serving_ports}{}", FLEET[1].1),
+            None,
+        )?,
     );
     let nodes = wait_for(
         &api,
@@ -194,6 +203,12 @@ pub async fn run(keep: bool) -> Result<()> {
     .await?;
     println!("\n5. restarted it with no token: its stored certificate let it back in as the same node:\n");
     print_nodes(&nodes);
+
+    println!(
+        "\n6. ML work, as the self-contained jobs in examples/: train, batch inference and serving, \
+         run by the CPU-only agent's process runtime as `gantry workload ...`"
+    );
+    ml::run(&api, &dir.path().join("ml")).await?;
     println!(
         "\ndemo finished in {:.1} s",
         started.elapsed().as_secs_f64()

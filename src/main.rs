@@ -3,13 +3,18 @@
 
 mod client;
 mod demo;
+mod output;
+mod templates;
+mod workloads;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use client::ApiClient;
 use gantry_coordinator::api::types::{
     ClusterView, CreateTokenRequest, CreateTokenResponse, JobView, NodeView, SubmitJobResponse,
 };
+pub(crate) use output::print_table;
+use output::{emit, local_time_ago, now_unix_ms, Output};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +24,8 @@ use std::time::Duration;
 #[command(
     name = "gantry",
     version,
-    about = "Run ML work across a hybrid fleet of GPU servers, Docker hosts and Kubernetes clusters."
+    about = "Run ML work across a hybrid fleet of GPU servers, Docker hosts and Kubernetes clusters.",
+    after_help = output::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -149,6 +155,16 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Write a commented job file to start from: the job in a few lines, every default shown.
+    New(templates::NewArgs),
+    /// Run a small example ML program built into gantry (train, batch-infer or serve a model);
+    /// what the job templates and examples/ run, with no files or network needed.
+    Workload(workloads::WorkloadArgs),
+    /// Print a shell completion script: `gantry completions bash > /etc/bash_completion.d/gantry`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,7 +179,10 @@ enum QuotaCommand {
         unlimited: bool,
     },
     /// List the quotas.
-    List,
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,12 +206,6 @@ enum ClusterCommand {
     },
     /// Remove a member (by the id `gantry cluster status` shows).
     Remove { node_id: u64 },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Args)]
@@ -347,7 +360,7 @@ async fn main() {
     init_tracing(if daemon { "info" } else { "warn" });
     if let Err(error) = dispatch(cli).await {
         eprintln!("error: {error:#}");
-        std::process::exit(1);
+        std::process::exit(output::exit_code_for(&error));
     }
 }
 
@@ -380,6 +393,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
             api,
         } => artifacts(&api, &job, name.as_deref(), out.as_deref()).await,
         Command::Demo { keep } => demo::run(keep).await,
+        Command::New(args) => templates::run(args),
+        Command::Workload(args) => workloads::run(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 
@@ -524,59 +543,37 @@ fn gib(bytes: u64) -> String {
 async fn list_nodes(api: &ApiArgs, output: Output) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let nodes: Vec<NodeView> = client.get("/v1/nodes").await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
-        Output::Table => {
-            let rows: Vec<[String; 8]> = nodes
-                .iter()
-                .map(|node| {
-                    let gpus = if node.gpus.is_empty() {
-                        "-".to_string()
-                    } else {
-                        format!("{}x {}", node.gpus.len(), node.gpus[0].model)
-                    };
-                    [
-                        node.id.clone(),
-                        node.name.clone(),
-                        node.site.clone(),
-                        node.status.clone(),
-                        node.cpu_cores.to_string(),
-                        gib(node.memory_bytes),
-                        gpus,
-                        node.runtimes.join(","),
-                    ]
-                })
-                .collect();
-            print_table(
-                &[
-                    "ID", "NAME", "SITE", "STATUS", "CPUS", "MEMORY", "GPUS", "RUNTIMES",
-                ],
-                &rows,
-            );
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
+    emit(output, &nodes, |nodes| {
+        let now_ms = now_unix_ms();
+        let rows: Vec<[String; 9]> = nodes
             .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
+            .map(|node| {
+                let gpus = if node.gpus.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{}x {}", node.gpus.len(), node.gpus[0].model)
+                };
+                [
+                    node.id.clone(),
+                    node.name.clone(),
+                    node.site.clone(),
+                    node.status.clone(),
+                    output::ago(node.status_since_unix_ms, now_ms),
+                    node.cpu_cores.to_string(),
+                    gib(node.memory_bytes),
+                    gpus,
+                    node.runtimes.join(","),
+                ]
+            })
             .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+        output::print_table_coloured(
+            &[
+                "ID", "NAME", "SITE", "STATUS", "SINCE", "CPUS", "MEMORY", "GPUS", "RUNTIMES",
+            ],
+            &rows,
+            output::state_column(3),
+        );
+    })
 }
 
 fn random_key() -> String {
@@ -616,94 +613,120 @@ async fn submit(api: &ApiArgs, file: &Path, idempotency_key: Option<String>) -> 
     Ok(())
 }
 
-fn local_time(unix_ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
-        .to_string()
+/// How long a job took from submission to its end, once it has ended.
+fn job_took(job: &JobView) -> Option<String> {
+    ["succeeded", "failed", "cancelled"]
+        .contains(&job.state.as_str())
+        .then(|| {
+            let took_ms = job
+                .updated_at_unix_ms
+                .saturating_sub(job.submitted_at_unix_ms);
+            format!(
+                "took {}",
+                output::human_duration(Duration::from_millis(took_ms))
+            )
+        })
 }
 
 async fn list_jobs(api: &ApiArgs, output: Output) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let jobs: Vec<JobView> = client.get("/v1/jobs").await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
-        Output::Table => {
-            let rows: Vec<[String; 6]> = jobs
-                .iter()
-                .map(|j| {
-                    [
-                        j.id.clone(),
-                        j.name.clone(),
-                        j.team.clone(),
-                        j.kind.clone(),
-                        j.state.clone(),
-                        local_time(j.submitted_at_unix_ms),
-                    ]
-                })
-                .collect();
-            print_table(&["ID", "NAME", "TEAM", "KIND", "STATE", "SUBMITTED"], &rows);
-        }
-    }
-    Ok(())
+    emit(output, &jobs, |jobs| {
+        let now_ms = now_unix_ms();
+        let rows: Vec<[String; 7]> = jobs
+            .iter()
+            .map(|j| {
+                [
+                    j.id.clone(),
+                    j.name.clone(),
+                    j.team.clone(),
+                    j.kind.clone(),
+                    j.state.clone(),
+                    local_time_ago(j.submitted_at_unix_ms, now_ms),
+                    job_took(j).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        output::print_table_coloured(
+            &[
+                "ID",
+                "NAME",
+                "TEAM",
+                "KIND",
+                "STATE",
+                "SUBMITTED",
+                "DURATION",
+            ],
+            &rows,
+            output::state_column(4),
+        );
+    })
 }
 
 async fn job_status(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let view: JobView = client.get(&format!("/v1/jobs/{job}")).await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-        Output::Table => {
-            let rows = [
-                ["ID".to_string(), view.id.clone()],
-                ["NAME".into(), view.name.clone()],
-                ["TEAM".into(), view.team.clone()],
-                ["KIND".into(), view.kind.clone()],
-                ["STATE".into(), view.state.clone()],
-                [
-                    "SUBMITTED".into(),
-                    format!(
-                        "{} by {}",
-                        local_time(view.submitted_at_unix_ms),
-                        view.submitted_by
-                    ),
-                ],
-                ["UPDATED".into(), local_time(view.updated_at_unix_ms)],
-            ];
-            print_table(&["FIELD", "VALUE"], &rows);
-            println!(
-                "progress {}/{}, restarts {}",
-                view.progress.succeeded, view.progress.total, view.restarts
-            );
-            if let Some(failure) = &view.failure {
-                println!("failed: {failure}");
-            }
-            if !view.allocations.is_empty() {
-                println!();
-                let rows: Vec<[String; 6]> = view
-                    .allocations
-                    .iter()
-                    .map(|a| {
-                        let exit = a
-                            .exit_code
-                            .map(|c| c.to_string())
-                            .unwrap_or_else(|| "-".into());
-                        [
-                            a.id.clone(),
-                            a.unit.to_string(),
-                            format!("{}/{}", a.agent, a.node),
-                            a.state.clone(),
-                            exit,
-                            a.reason.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"],
-                    &rows,
-                );
-            }
-        }
+    emit(output, &view, print_job)
+}
+
+fn print_job(view: &JobView) {
+    let now_ms = now_unix_ms();
+    let mut rows = vec![
+        ["ID".to_string(), view.id.clone()],
+        ["NAME".into(), view.name.clone()],
+        ["TEAM".into(), view.team.clone()],
+        ["KIND".into(), view.kind.clone()],
+        ["STATE".into(), view.state.clone()],
+        [
+            "SUBMITTED".into(),
+            format!(
+                "{} by {}",
+                local_time_ago(view.submitted_at_unix_ms, now_ms),
+                view.submitted_by
+            ),
+        ],
+        [
+            "UPDATED".into(),
+            local_time_ago(view.updated_at_unix_ms, now_ms),
+        ],
+    ];
+    if let Some(took) = job_took(view) {
+        rows.push(["DURATION".into(), took]);
     }
-    Ok(())
+    output::print_table_coloured(&["FIELD", "VALUE"], &rows, output::state_column(1));
+    println!(
+        "progress {}/{}, restarts {}",
+        view.progress.succeeded, view.progress.total, view.restarts
+    );
+    if let Some(failure) = &view.failure {
+        println!("failed: {failure}");
+    }
+    if !view.allocations.is_empty() {
+        println!();
+        let rows: Vec<[String; 6]> = view
+            .allocations
+            .iter()
+            .map(|a| {
+                let exit = a
+                    .exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into());
+                [
+                    a.id.clone(),
+                    a.unit.to_string(),
+                    format!("{}/{}", a.agent, a.node),
+                    a.state.clone(),
+                    exit,
+                    a.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        output::print_table_coloured(
+            &["ALLOCATION", "UNIT", "NODE", "STATE", "EXIT", "REASON"],
+            &rows,
+            output::state_column(3),
+        );
+    }
 }
 
 async fn cancel(api: &ApiArgs, job: &str) -> Result<()> {
@@ -718,42 +741,43 @@ async fn cluster(api: &ApiArgs, command: ClusterCommand) -> Result<()> {
     match command {
         ClusterCommand::Status { output } => {
             let view: ClusterView = client.get("/v1/cluster").await?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-                Output::Table => {
-                    let leader = view
-                        .leader
-                        .map(|id| id.to_string())
-                        .unwrap_or_else(|| "none".into());
-                    println!(
-                        "leader {leader}, term {}, commit index {}",
-                        view.term, view.commit_index
-                    );
-                    let rows: Vec<[String; 5]> = view
-                        .members
-                        .iter()
-                        .map(|m| {
-                            let role = if Some(m.id) == view.leader {
-                                "leader".to_string()
-                            } else {
-                                m.role.clone()
-                            };
-                            let applied = m
-                                .applied_index
-                                .map(|i| i.to_string())
-                                .unwrap_or_else(|| "?".into());
-                            [
-                                m.id.to_string(),
-                                m.addr.clone(),
-                                m.http_addr.clone(),
-                                role,
-                                applied,
-                            ]
-                        })
-                        .collect();
-                    print_table(&["ID", "ADDR", "HTTP", "ROLE", "APPLIED"], &rows);
-                }
-            }
+            emit(output, &view, |view| {
+                let leader = view
+                    .leader
+                    .map(|id| id.to_string())
+                    .unwrap_or_else(|| "none".into());
+                println!(
+                    "leader {leader}, term {}, commit index {}",
+                    view.term, view.commit_index
+                );
+                let rows: Vec<[String; 5]> = view
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let role = if Some(m.id) == view.leader {
+                            "leader".to_string()
+                        } else {
+                            m.role.clone()
+                        };
+                        let applied = m
+                            .applied_index
+                            .map(|i| i.to_string())
+                            .unwrap_or_else(|| "?".into());
+                        [
+                            m.id.to_string(),
+                            m.addr.clone(),
+                            m.http_addr.clone(),
+                            role,
+                            applied,
+                        ]
+                    })
+                    .collect();
+                output::print_table_coloured(
+                    &["ID", "ADDR", "HTTP", "ROLE", "APPLIED"],
+                    &rows,
+                    output::state_column(3),
+                );
+            })?;
         }
         ClusterCommand::Remove { node_id } => {
             let _: serde_json::Value = client
@@ -769,38 +793,34 @@ async fn explain(api: &ApiArgs, job: &str, output: Output) -> Result<()> {
     let client = ApiClient::new(&api.api, api.token.clone())?;
     let view: gantry_coordinator::api::types::ExplainView =
         client.get(&format!("/v1/jobs/{job}/explain")).await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-        Output::Table => {
-            if view.units.is_empty() {
-                println!(
-                    "{} is {}: no unit is waiting for a node",
-                    view.job, view.state
-                );
-            }
-            for unit in &view.units {
-                println!("unit {}: {}", unit.unit, unit.reason);
-                let filtered: Vec<String> = unit
-                    .filtered
-                    .iter()
-                    .map(|f| format!("{} {}", f.filter, f.nodes))
-                    .collect();
-                println!(
-                    "  {} nodes; removed by filter: {}",
-                    unit.nodes_total,
-                    if filtered.is_empty() {
-                        "none".into()
-                    } else {
-                        filtered.join(", ")
-                    }
-                );
-                for candidate in &unit.candidates {
-                    println!("  candidate {} score {}", candidate.node, candidate.score);
+    emit(output, &view, |view| {
+        if view.units.is_empty() {
+            println!(
+                "{} is {}: no unit is waiting for a node",
+                view.job, view.state
+            );
+        }
+        for unit in &view.units {
+            println!("unit {}: {}", unit.unit, unit.reason);
+            let filtered: Vec<String> = unit
+                .filtered
+                .iter()
+                .map(|f| format!("{} {}", f.filter, f.nodes))
+                .collect();
+            println!(
+                "  {} nodes; removed by filter: {}",
+                unit.nodes_total,
+                if filtered.is_empty() {
+                    "none".into()
+                } else {
+                    filtered.join(", ")
                 }
+            );
+            for candidate in &unit.candidates {
+                println!("  candidate {} score {}", candidate.node, candidate.score);
             }
         }
-    }
-    Ok(())
+    })
 }
 
 async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
@@ -818,13 +838,15 @@ async fn quota(api: &ApiArgs, command: QuotaCommand) -> Result<()> {
                 None => eprintln!("team {team} has no GPU limit"),
             }
         }
-        QuotaCommand::List => {
+        QuotaCommand::List { output } => {
             let quotas: std::collections::BTreeMap<String, u32> = client.get("/v1/quotas").await?;
-            let rows: Vec<[String; 2]> = quotas
-                .iter()
-                .map(|(team, gpus)| [team.clone(), gpus.to_string()])
-                .collect();
-            print_table(&["TEAM", "GPUS"], &rows);
+            emit(output, &quotas, |quotas| {
+                let rows: Vec<[String; 2]> = quotas
+                    .iter()
+                    .map(|(team, gpus)| [team.clone(), gpus.to_string()])
+                    .collect();
+                print_table(&["TEAM", "GPUS"], &rows);
+            })?;
         }
     }
     Ok(())
