@@ -13,6 +13,8 @@
 //! runtime = "auto"             # for images: kubernetes, else docker (whichever answers first)
 //! allow_pull = false           # pull missing images; off by default (offline first)
 //! kubernetes_namespace = "gantry"
+//! allocation_retention_hours = 24  # finished allocations' logs and outputs are kept this long
+//! allocations_kept_max = 1000      # and at most this many
 //!
 //! [labels]
 //! rack = "r12"
@@ -58,6 +60,12 @@ pub struct AgentConfig {
     /// site loads images with `gantry images load`, and a job may still ask with `pull: true`.
     #[serde(default)]
     pub allow_pull: bool,
+    /// Finished allocations' directories (logs, outputs) are kept this many hours...
+    #[serde(default = "default_retention_hours")]
+    pub allocation_retention_hours: u64,
+    /// ...and at most this many of them, the newest.
+    #[serde(default = "default_kept_max")]
+    pub allocations_kept_max: usize,
     /// Where the Kubernetes runtime creates its objects.
     #[serde(default = "default_namespace")]
     pub kubernetes_namespace: String,
@@ -116,6 +124,14 @@ fn default_serving_port_max() -> u16 {
     32_999
 }
 
+fn default_retention_hours() -> u64 {
+    24
+}
+
+fn default_kept_max() -> usize {
+    1000
+}
+
 fn default_namespace() -> String {
     "gantry".into()
 }
@@ -146,6 +162,8 @@ impl Default for AgentConfig {
             runtime: RuntimeChoice::Auto,
             allow_pull: false,
             kubernetes_namespace: default_namespace(),
+            allocation_retention_hours: default_retention_hours(),
+            allocations_kept_max: default_kept_max(),
             serving_port_min: default_serving_port_min(),
             serving_port_max: default_serving_port_max(),
             labels: BTreeMap::new(),

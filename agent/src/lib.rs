@@ -7,6 +7,7 @@
 pub mod config;
 pub mod credentials;
 pub mod fingerprint;
+pub mod retention;
 pub mod runtime;
 pub mod runtimes;
 pub mod session;
@@ -174,6 +175,22 @@ pub async fn run(
     let mut supervisor =
         supervisor::Supervisor::new(runtimes_used, work_root.clone(), gpus, reports_tx);
     supervisor.recover().await;
+    let retention = retention::Retention {
+        max_age: Duration::from_secs(options.config.allocation_retention_hours * 3600),
+        max_count: options.config.allocations_kept_max,
+    };
+    let sweep_root = work_root.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(RETENTION_SWEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            let root = sweep_root.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                retention::sweep(&root, retention, std::time::SystemTime::now())
+            })
+            .await;
+        }
+    });
     let work = session::Work {
         supervisor,
         runtime_events,
@@ -200,9 +217,13 @@ pub async fn run(
         work,
     );
     let outcome = session.run(shutdown_rx).await;
+    sweeper.abort();
     session.shutdown_work(STOP_GRACE_ON_EXIT).await;
     outcome
 }
+
+/// How often finished allocations past their retention are removed.
+const RETENTION_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Output kept per allocation and stream.
 pub const LOG_BYTES_MAX: u64 = 16 * 1024 * 1024;

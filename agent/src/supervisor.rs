@@ -27,8 +27,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 const ASSIGNMENT_FILE: &str = "assignment.json";
-/// Written when an allocation's final state has been reported: a restart does not report it again.
-const ENDED_FILE: &str = "ended";
+// Written when an allocation's final state has been reported: a restart does not report it
+// again, and the retention sweep may remove the directory once it is old enough.
+use crate::retention::ENDED_FILE;
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
