@@ -4,6 +4,8 @@
 //! Architecture invariant: a runtime decides nothing; it starts, stops and reports what it was
 //! told to, and it can list what it is running so a restarted agent can reconcile.
 
+pub mod docker;
+pub(crate) mod logs;
 pub mod process;
 
 use gantry_protocol::jobspec::JobSpec;
@@ -86,6 +88,28 @@ impl UnitSpec {
             job,
         }
     }
+}
+
+/// The variable naming the allocation's directory: the working directory of a process unit,
+/// bind-mounted at [`docker::ALLOC_DIR_IN_CONTAINER`] in a container.
+pub const ALLOC_DIR_ENV: &str = "GANTRY_ALLOC_DIR";
+
+/// What every runtime adds to a unit's environment, overriding the unit's own variables: its
+/// allocation and job ids and where its allocation directory is, as the unit sees it.
+pub(crate) fn gantry_env<T: From<String>>(unit: &UnitSpec, alloc_dir: T) -> [(&'static str, T); 3] {
+    [
+        ("GANTRY_ALLOCATION_ID", unit.allocation_id.clone().into()),
+        ("GANTRY_JOB_ID", unit.job_id.clone().into()),
+        (ALLOC_DIR_ENV, alloc_dir),
+    ]
+}
+
+/// `GPU-uuid-a,1`: UUIDs where known (they survive index reordering), else the host's indexes.
+pub(crate) fn visible_devices(gpus: &[GpuAssignment]) -> String {
+    gpus.iter()
+        .map(|gpu| gpu.uuid.clone().unwrap_or_else(|| gpu.index.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// How a unit ended.
@@ -202,6 +226,9 @@ pub trait Runtime: Send + Sync {
         bytes: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
 
-    /// Stops everything (the agent is exiting): nothing may outlive the agent.
+    /// The agent is exiting. The process runtime stops every unit (with `grace`), since nothing
+    /// it starts may outlive the agent. The container runtimes (Docker, Kubernetes) leave their
+    /// work running and only stop watching it: the next start of the agent adopts it through
+    /// [`Runtime::recover`] (as Nomad's task drivers do).
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
 }
