@@ -312,6 +312,41 @@ async fn exit_codes_and_the_images_default_command() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_containers_are_followed_past_the_clients_request_timeout() {
+    // The daemon answers a wait or a log follow only when there is something to say; a client
+    // whose requests time out after a second must still see this unit's late output and end.
+    let dir = tempfile::tempdir().unwrap();
+    let work_root = dir.path().join("allocations");
+    let _cleanup = ContainerCleanup(work_root.display().to_string());
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let impatient = connect()
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(1));
+    let runtime = DockerRuntime::new(
+        impatient,
+        RuntimeConfig {
+            work_root: work_root.clone(),
+            log_bytes_max: LOG_BYTES_MAX,
+        },
+        events_tx,
+    );
+    runtime
+        .start(sh("quiet", "sleep 3; echo late"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        RuntimeEvent::Started { .. }
+    ));
+    match next_event(&mut events).await {
+        RuntimeEvent::Exited { exit, .. } => assert_eq!(exit, Exit::Code(0)),
+        other => panic!("expected the exit, got {other:?}"),
+    }
+    assert_eq!(runtime.logs("quiet", false, 100).await.unwrap(), b"late\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_fails_the_start_and_says_how_to_fix_it() {
     let mut h = harness().await;
     let missing = format!("gantry-test-missing:{}", std::process::id());

@@ -84,6 +84,12 @@ const LOG_DRAIN_WAIT: Duration = Duration::from_secs(5);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// A watcher that cannot reach the daemon for this long reports its unit lost.
 const DAEMON_UNREACHABLE_MAX: Duration = Duration::from_secs(10 * 60);
+/// Waits and log follows are long polls, and the daemon sends a response's head only with its
+/// first byte (the exit, the first output), so bollard's request timeout (2 minutes by default)
+/// would cut them while a container runs or stays quiet: they get this one instead.
+const LONG_POLL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Between two tries to follow a container's output.
+const LOG_RECONNECT_WAIT: Duration = Duration::from_secs(1);
 /// Output frames written to disk before the log cursor is recorded.
 const LOG_BATCH_FRAMES_MAX: usize = 256;
 const LOAD_READ_CHUNK_BYTES: usize = 1024 * 1024;
@@ -110,6 +116,8 @@ pub struct DockerRuntime {
 /// What the runtime shares with the watcher task of each container.
 struct Inner {
     docker: Docker,
+    /// The same client with [`LONG_POLL_TIMEOUT`], for waits and log follows.
+    long_poll: Docker,
     /// Absolute: it is bind-mounted and it names this agent in the containers' labels.
     work_root: PathBuf,
     log_bytes_max: u64,
@@ -145,6 +153,7 @@ impl DockerRuntime {
         let work_root = std::path::absolute(&config.work_root).unwrap_or(config.work_root);
         Self {
             inner: Arc::new(Inner {
+                long_poll: docker.clone().with_timeout(LONG_POLL_TIMEOUT),
                 docker,
                 work_root,
                 log_bytes_max: config.log_bytes_max,
@@ -674,14 +683,14 @@ async fn watch_container(
 ) {
     let alloc_dir = inner.work_root.join(&allocation_id);
     let follow = follow_logs(
-        &inner.docker,
+        &inner.long_poll,
         &container_id,
         &alloc_dir,
         inner.log_bytes_max,
         &allocation_id,
     );
     tokio::pin!(follow);
-    let wait = wait_for_end(&inner.docker, &container_id);
+    let wait = wait_for_end(&inner.docker, &inner.long_poll, &container_id);
     tokio::pin!(wait);
     let mut follow_done = false;
     let ended = loop {
@@ -732,11 +741,12 @@ fn is_running(inspect: &ContainerInspectResponse) -> bool {
 /// names why its end cannot be known (removed behind Gantry's back, the daemon gone too long).
 async fn wait_for_end(
     docker: &Docker,
+    long_poll: &Docker,
     container_id: &str,
 ) -> Result<ContainerInspectResponse, String> {
     let mut unreachable_since: Option<Instant> = None;
     loop {
-        let mut wait = std::pin::pin!(docker.wait_container(container_id, None));
+        let mut wait = std::pin::pin!(long_poll.wait_container(container_id, None));
         match wait.next().await {
             // Non-zero exit codes arrive as this error; the inspection below has the details.
             Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) | None => {}
@@ -883,56 +893,74 @@ async fn follow_logs(
             return;
         }
     };
-    let since = cursor
-        .and_then(|(seconds, _)| i32::try_from(seconds).ok())
-        .unwrap_or(0);
-    let options = LogsOptionsBuilder::default()
-        .follow(true)
-        .stdout(true)
-        .stderr(true)
-        .timestamps(true)
-        .since(since)
-        .build();
-    let mut batches = std::pin::pin!(docker
-        .logs(container_id, Some(options))
-        .ready_chunks(LOG_BATCH_FRAMES_MAX));
     let mut log_failed = false;
-    while let Some(batch) = batches.next().await {
-        let mut newest_text = None;
-        for frame in batch {
-            let (stream_idx, message) = match frame {
-                Ok(LogOutput::StdOut { message }) => (0, message),
-                Ok(LogOutput::StdErr { message }) => (1, message),
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(allocation = %allocation_id, "following the container's output failed: {e}");
-                    return;
+    let mut n_reconnects = 0u32;
+    loop {
+        let since = cursor
+            .and_then(|(seconds, _)| i32::try_from(seconds).ok())
+            .unwrap_or(0);
+        let options = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .since(since)
+            .build();
+        let mut batches = std::pin::pin!(docker
+            .logs(container_id, Some(options))
+            .ready_chunks(LOG_BATCH_FRAMES_MAX));
+        let mut failure = None;
+        while let Some(batch) = batches.next().await {
+            let mut newest_text = None;
+            for frame in batch {
+                let (stream_idx, message) = match frame {
+                    Ok(LogOutput::StdOut { message }) => (0, message),
+                    Ok(LogOutput::StdErr { message }) => (1, message),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
+                let (stamp, output) = split_timestamp(&message);
+                if let (Some(stamp), Some(seen)) = (stamp, cursor) {
+                    if stamp <= seen {
+                        continue;
+                    }
                 }
-            };
-            let (stamp, output) = split_timestamp(&message);
-            if let (Some(stamp), Some(seen)) = (stamp, cursor) {
-                if stamp <= seen {
-                    continue;
+                if !log_failed {
+                    if let Err(e) = logs[stream_idx].write(output).await {
+                        tracing::warn!(allocation = %allocation_id, log = %logs[stream_idx].path().display(), "writing the container's output failed; dropping the rest: {e}");
+                        log_failed = true;
+                    }
+                }
+                if let Some(stamp) = stamp {
+                    cursor = Some(stamp);
+                    newest_text = std::str::from_utf8(&message[..message.len() - output.len() - 1])
+                        .ok()
+                        .map(str::to_owned);
                 }
             }
-            if !log_failed {
-                if let Err(e) = logs[stream_idx].write(output).await {
-                    tracing::warn!(allocation = %allocation_id, log = %logs[stream_idx].path().display(), "writing the container's output failed; dropping the rest: {e}");
-                    log_failed = true;
+            if let Some(text) = newest_text {
+                if let Err(e) = tokio::fs::write(&cursor_path, text).await {
+                    tracing::debug!(allocation = %allocation_id, "cannot record the log cursor: {e}");
                 }
             }
-            if let Some(stamp) = stamp {
-                cursor = Some(stamp);
-                newest_text = std::str::from_utf8(&message[..message.len() - output.len() - 1])
-                    .ok()
-                    .map(str::to_owned);
+            if failure.is_some() {
+                break;
             }
         }
-        if let Some(text) = newest_text {
-            if let Err(e) = tokio::fs::write(&cursor_path, text).await {
-                tracing::debug!(allocation = %allocation_id, "cannot record the log cursor: {e}");
-            }
+        // A stream that ends by itself ends with the container; one that fails (the daemon
+        // restarting, a dropped connection) is followed again from the cursor, for as long as
+        // the watcher waits for the container.
+        let Some(e) = failure else {
+            return;
+        };
+        n_reconnects += 1;
+        if n_reconnects == 1 {
+            tracing::warn!(allocation = %allocation_id, "following the container's output failed; following it again: {e}");
         }
+        tokio::time::sleep(LOG_RECONNECT_WAIT).await;
     }
 }
 
