@@ -377,6 +377,44 @@ async fn a_missing_image_fails_the_start_and_says_how_to_fix_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_pull_wins_over_the_pull() {
+    let mut h = harness().await;
+    // A "registry" that accepts the daemon's connection and never answers: the pull hangs.
+    let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut pulling = unit("cancelled", &["true"]);
+    pulling.image = Some(format!(
+        "{}/gantry-test/never:1",
+        registry.local_addr().unwrap()
+    ));
+    pulling.pull = true;
+    let start = h.runtime.start(pulling);
+    let stop_while_pulling = async {
+        let (connection, _) = tokio::time::timeout(EVENT_WAIT, registry.accept())
+            .await
+            .expect("the daemon to connect to the registry")
+            .unwrap();
+        let begun = Instant::now();
+        h.runtime.stop("cancelled", Duration::from_secs(10)).await;
+        assert!(
+            begun.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            begun.elapsed()
+        );
+        // Now let the pull fail.
+        drop(connection);
+        drop(registry);
+    };
+    let (started, ()) = tokio::join!(tokio::time::timeout(EVENT_WAIT, start), stop_while_pulling);
+    started
+        .expect("the start to end once the pull fails")
+        .unwrap();
+    assert_eq!(h.expect_exited("cancelled").await, Exit::Stopped);
+    assert!(containers_of("cancelled").is_empty());
+    assert!(h.runtime.running().await.is_empty());
+    h.assert_no_more_events().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_over_its_memory_limit_is_reported_killed_for_it() {
     let mut h = harness().await;
     let mut hungry = sh(

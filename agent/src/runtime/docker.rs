@@ -529,21 +529,21 @@ async fn start_unit(inner: &Arc<Inner>, unit: UnitSpec) -> Result<(), RuntimeErr
     // Outside the lock: a pull can take minutes, and stops must not wait for it.
     let resolved = resolve_image(&inner.docker, &image, unit.pull).await;
     let mut state = inner.state.lock().await;
-    let stopped_meanwhile = state.resolving.remove(&allocation_id).unwrap_or(false);
-    let resolved = resolved.map_err(|reason| start_error(&allocation_id, reason))?;
-    if state.shutting_down {
-        return Err(start_error(
-            &allocation_id,
-            "the Docker runtime is shutting down",
-        ));
-    }
-    if stopped_meanwhile {
+    if state.resolving.remove(&allocation_id) == Some(true) {
+        // Whatever became of the image: the allocation is no longer wanted.
         tracing::info!(allocation = %allocation_id, "stopped before its container was created");
         let _ = inner.events.send(RuntimeEvent::Exited {
             allocation_id,
             exit: Exit::Stopped,
         });
         return Ok(());
+    }
+    let resolved = resolved.map_err(|reason| start_error(&allocation_id, reason))?;
+    if state.shutting_down {
+        return Err(start_error(
+            &allocation_id,
+            "the Docker runtime is shutting down",
+        ));
     }
 
     let alloc_dir = inner.work_root.join(&allocation_id);
@@ -1302,6 +1302,68 @@ mod tests {
             split_timestamp(b"no stamp here"),
             (None, &b"no stamp here"[..])
         );
+    }
+
+    #[test]
+    fn ended_containers_are_classified_by_their_state() {
+        let inspect = |status, exit_code, oom_killed, memory| ContainerInspectResponse {
+            state: Some(bollard::models::ContainerState {
+                status: Some(status),
+                exit_code: Some(exit_code),
+                oom_killed: Some(oom_killed),
+                ..Default::default()
+            }),
+            host_config: Some(HostConfig {
+                memory,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use ContainerStateStatusEnum::{CREATED, DEAD, EXITED};
+        let cases = [
+            (inspect(EXITED, 0, false, None), false, Exit::Code(0)),
+            (inspect(EXITED, 3, false, None), false, Exit::Code(3)),
+            (inspect(DEAD, 137, false, None), false, Exit::Code(137)),
+            (inspect(EXITED, 143, false, None), true, Exit::Stopped),
+            (
+                inspect(EXITED, 137, true, Some(16 << 20)),
+                true,
+                Exit::Stopped,
+            ),
+            (
+                inspect(EXITED, 137, true, Some(16 << 20)),
+                false,
+                Exit::Failed {
+                    exit_code: Some(137),
+                    reason: "killed for exceeding its memory limit of 16MiB".into(),
+                },
+            ),
+            (
+                inspect(EXITED, 137, true, None),
+                false,
+                Exit::Failed {
+                    exit_code: Some(137),
+                    reason: "killed by the kernel for lack of memory (out of memory)".into(),
+                },
+            ),
+            (
+                inspect(CREATED, 0, false, None),
+                false,
+                Exit::Lost("its container was created but never started".into()),
+            ),
+            (
+                ContainerInspectResponse::default(),
+                false,
+                Exit::Lost("the daemon reported no state for its container".into()),
+            ),
+        ];
+        for (inspect, stop_requested, expected) in cases {
+            assert_eq!(
+                classify_exit(&inspect, stop_requested),
+                expected,
+                "{inspect:?}"
+            );
+        }
     }
 
     #[test]
