@@ -103,8 +103,17 @@ fn remove_image(id: &str) {
     docker_quietly(&["rmi", "-f", id]);
 }
 
-/// Images whose tag names a process that is gone (a run that crashed or was killed).
+/// A test image is left alone this long even when its process seems gone: a test process in
+/// another PID namespace sharing the daemon is not in this one's `/proc`.
+const LEFTOVER_AGE_MIN: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Images whose tag names a process that is gone (a run that crashed or was killed), made long
+/// enough ago that no test run could still be using them.
 fn remove_images_of_dead_test_processes() {
+    let now_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let listing = docker(&[
         "images",
         TEST_REPOSITORY,
@@ -116,14 +125,14 @@ fn remove_images_of_dead_test_processes() {
         let Some((tag, id)) = line.split_once(' ') else {
             continue;
         };
-        let Some(pid) = tag
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
+        let Some((pid, nanos)) = tag
+            .split_once('-')
+            .and_then(|(pid, nanos)| Some((pid.parse::<u32>().ok()?, nanos.parse::<u128>().ok()?)))
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        let old_enough = now_nanos.saturating_sub(nanos) > LEFTOVER_AGE_MIN.as_nanos();
+        if old_enough && !Path::new(&format!("/proc/{pid}")).exists() {
             remove_image(id);
         }
     }
