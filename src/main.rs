@@ -147,6 +147,11 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Container images on this host's Docker daemon (for an agent with the Docker runtime).
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
     /// List the fleet's nodes with their capacity and status.
     Nodes {
         /// Output format.
@@ -164,6 +169,16 @@ enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Load the images of a tarball (from `docker save`) into the local Docker daemon, so that
+    /// jobs naming them run here without a registry. Prints each image loaded.
+    Load {
+        /// The tarball, as written by `docker save IMAGE -o FILE.tar`.
+        file: PathBuf,
     },
 }
 
@@ -399,7 +414,24 @@ async fn dispatch(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
             Ok(())
         }
+        Command::Images {
+            command: ImagesCommand::Load { file },
+        } => load_images(&file).await,
     }
+}
+
+async fn load_images(file: &Path) -> Result<()> {
+    let docker = gantry_agent::runtime::docker::connect()
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("connect to the local Docker daemon")?;
+    let loaded = gantry_agent::runtime::docker::load_image(&docker, file)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    for image in loaded {
+        println!("{image}");
+    }
+    Ok(())
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T> {

@@ -145,10 +145,15 @@ pub async fn run(
     let mut selection = runtimes::select(&options.config)
         .await
         .map_err(anyhow::Error::msg)?;
-    if let Some(container) = selection.container.take() {
+    if selection
+        .container
+        .as_ref()
+        .is_some_and(|c| c.kind == gantry_protocol::RuntimeKind::Kubernetes)
+    {
+        selection.container = None;
         tracing::warn!(
-            runtime = container.kind.as_str(),
-            "selected, but this build runs work only through the process runtime"
+            runtime = "kubernetes",
+            "selected, but this build has no Kubernetes runtime; jobs that name an image will not be placed here"
         );
     }
     let runtimes: Vec<RuntimeReport> = selection.reports();
@@ -156,6 +161,25 @@ pub async fn run(
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("create {}", work_root.display()))?;
     let (events_tx, runtime_events) = tokio::sync::mpsc::unbounded_channel();
+    let container: Option<std::sync::Arc<dyn runtime::Runtime>> = match &selection.container {
+        Some(report) if report.kind == gantry_protocol::RuntimeKind::Docker => {
+            // It answered the probe a moment ago; a failure now is not one to retry.
+            let docker = runtime::docker::connect()
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("connect to the Docker daemon")?;
+            let config = runtime::RuntimeConfig {
+                work_root: work_root.clone(),
+                log_bytes_max: LOG_BYTES_MAX,
+            };
+            Some(std::sync::Arc::new(runtime::docker::DockerRuntime::new(
+                docker,
+                config,
+                events_tx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let process: Option<std::sync::Arc<dyn runtime::Runtime>> =
         selection.process.is_some().then(|| {
             let config = runtime::RuntimeConfig {
@@ -166,7 +190,7 @@ pub async fn run(
                 as std::sync::Arc<dyn runtime::Runtime>
         });
     let runtimes_used = supervisor::Runtimes {
-        container: None,
+        container,
         process,
         allow_pull: options.config.allow_pull,
     };

@@ -137,8 +137,7 @@ async fn probe_kubernetes() -> Result<String, String> {
 
 async fn probe_docker() -> Result<String, String> {
     let probe = async {
-        let docker = bollard::Docker::connect_with_local_defaults()
-            .map_err(|e| format!("no Docker client: {e}"))?;
+        let docker = crate::runtime::docker::connect().await?;
         let version = docker
             .version()
             .await

@@ -2,6 +2,8 @@
 //! chosen by the kernel, agents, the HTTP API, and polling with a deadline.
 #![allow(dead_code)]
 
+pub mod images;
+
 use gantry_coordinator::api::types::{CreateTokenResponse, NodeView};
 use std::future::Future;
 use std::net::SocketAddr;

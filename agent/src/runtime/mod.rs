@@ -4,6 +4,8 @@
 //! Architecture invariant: a runtime decides nothing; it starts, stops and reports what it was
 //! told to, and it can list what it is running so a restarted agent can reconcile.
 
+pub mod docker;
+pub(crate) mod logs;
 pub mod process;
 
 use gantry_protocol::jobspec::JobSpec;
@@ -93,15 +95,34 @@ impl UnitSpec {
 pub const INPUT_DIR: &str = "in";
 pub const OUTPUT_DIR: &str = "out";
 
-/// `GANTRY_ALLOC_DIR`, `GANTRY_INPUT_DIR` and `GANTRY_OUTPUT_DIR` for a unit that sees its
-/// allocation directory at `dir` (the host path for a process, the mount point in a container).
-pub fn allocation_dirs_env(dir: &std::path::Path) -> [(String, String); 3] {
+/// The variable naming the allocation's directory: the working directory of a process unit,
+/// bind-mounted at [`docker::ALLOC_DIR_IN_CONTAINER`] in a container.
+pub const ALLOC_DIR_ENV: &str = "GANTRY_ALLOC_DIR";
+
+/// What every runtime adds to a unit's environment, overriding the unit's own variables: its
+/// allocation and job ids, and where its allocation directory and the input and output
+/// directories in it are, as the unit sees them (`alloc_dir`: the host path for a process, the
+/// mount point in a container).
+pub(crate) fn gantry_env(
+    unit: &UnitSpec,
+    alloc_dir: &std::path::Path,
+) -> [(&'static str, String); 5] {
     let shown = |path: &std::path::Path| path.to_string_lossy().into_owned();
     [
-        ("GANTRY_ALLOC_DIR".into(), shown(dir)),
-        ("GANTRY_INPUT_DIR".into(), shown(&dir.join(INPUT_DIR))),
-        ("GANTRY_OUTPUT_DIR".into(), shown(&dir.join(OUTPUT_DIR))),
+        ("GANTRY_ALLOCATION_ID", unit.allocation_id.clone()),
+        ("GANTRY_JOB_ID", unit.job_id.clone()),
+        (ALLOC_DIR_ENV, shown(alloc_dir)),
+        ("GANTRY_INPUT_DIR", shown(&alloc_dir.join(INPUT_DIR))),
+        ("GANTRY_OUTPUT_DIR", shown(&alloc_dir.join(OUTPUT_DIR))),
     ]
+}
+
+/// `GPU-uuid-a,1`: UUIDs where known (they survive index reordering), else the host's indexes.
+pub(crate) fn visible_devices(gpus: &[GpuAssignment]) -> String {
+    gpus.iter()
+        .map(|gpu| gpu.uuid.clone().unwrap_or_else(|| gpu.index.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// How a unit ended.
@@ -218,6 +239,9 @@ pub trait Runtime: Send + Sync {
         bytes: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
 
-    /// Stops everything (the agent is exiting): nothing may outlive the agent.
+    /// The agent is exiting. The process runtime stops every unit (with `grace`), since nothing
+    /// it starts may outlive the agent. The container runtimes (Docker, Kubernetes) leave their
+    /// work running and only stop watching it: the next start of the agent adopts it through
+    /// [`Runtime::recover`] (as Nomad's task drivers do).
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
 }

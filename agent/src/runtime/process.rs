@@ -18,28 +18,31 @@
 //! then, overriding the unit's env, `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES` (the
 //! assigned GPUs, comma-separated, by UUID where known, else by index; empty when no GPU is
 //! assigned), `GANTRY_ALLOCATION_ID`, `GANTRY_JOB_ID`, and the allocation's directories
-//! `GANTRY_ALLOC_DIR` (also the working directory), `GANTRY_INPUT_DIR` and `GANTRY_OUTPUT_DIR`.
-//! Nothing else of the agent's environment is passed on, in particular no `GANTRY_*` variable (the join token may be one).
+//! `GANTRY_ALLOC_DIR` (also the unit's working directory), `GANTRY_INPUT_DIR` and
+//! `GANTRY_OUTPUT_DIR`. Nothing else of the agent's environment is passed on, in particular no
+//! `GANTRY_*` variable (the join token may be one).
 //!
-//! Log policy: stdout and stderr go to `stdout.log` and `stderr.log` in the allocation's
-//! directory. When a file reaches `log_bytes_max` it is renamed to `<name>.1` (replacing the
-//! previous `.1`) and a new file is started, so each stream holds at most `2 * log_bytes_max`
-//! bytes on disk and always its newest `log_bytes_max` bytes (all of it when it wrote less).
+//! Logs: stdout and stderr go to bounded files in the allocation's directory (see
+//! [`super::logs`]).
 
+use super::logs::{
+    is_safe_allocation_id, read_logs, BoundedLog, ALLOCATION_ID_BYTES_MAX, STDERR_LOG, STDOUT_LOG,
+};
 use super::{
-    BoxFuture, Exit, GpuAssignment, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, UnitSpec,
+    gantry_env, visible_devices, BoxFuture, Exit, Runtime, RuntimeConfig, RuntimeError,
+    RuntimeEvent, UnitSpec,
 };
 use gantry_protocol::RuntimeKind;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::io::{self, SeekFrom};
+use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 
@@ -50,14 +53,6 @@ const INHERITED_ENV: &[&str] = &[
 ];
 /// `PATH` for units when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-pub const STDOUT_LOG: &str = "stdout.log";
-pub const STDERR_LOG: &str = "stderr.log";
-/// Appended to a log's name for the one older file kept.
-const ROTATED_SUFFIX: &str = ".1";
-
-/// Longest allocation id accepted (it names a directory; 255 bytes is the usual file-name limit).
-const ALLOCATION_ID_BYTES_MAX: usize = 255;
 
 /// The reason a restarted agent gives for units listed by [`previous_allocations`].
 pub const RESTART_LOST_REASON: &str =
@@ -235,17 +230,6 @@ pub fn previous_allocations(work_root: &Path) -> Vec<String> {
     allocation_ids
 }
 
-/// Allocation ids name directories: only `[A-Za-z0-9._-]`, never `.` or `..`.
-fn is_safe_allocation_id(allocation_id: &str) -> bool {
-    !allocation_id.is_empty()
-        && allocation_id.len() <= ALLOCATION_ID_BYTES_MAX
-        && allocation_id != "."
-        && allocation_id != ".."
-        && allocation_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 fn start_error(allocation_id: &str, reason: impl Into<String>) -> RuntimeError {
     RuntimeError::Start {
         allocation_id: allocation_id.to_owned(),
@@ -291,6 +275,7 @@ fn check_unit(unit: &UnitSpec) -> Result<(), RuntimeError> {
 /// documentation for the policy.
 fn unit_env(
     unit: &UnitSpec,
+    work_dir: &Path,
     agent_env: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> BTreeMap<OsString, OsString> {
     debug_assert!(INHERITED_ENV
@@ -313,20 +298,12 @@ fn unit_env(
         visible_devices.clone().into(),
     );
     env.insert("NVIDIA_VISIBLE_DEVICES".into(), visible_devices.into());
-    env.insert(
-        "GANTRY_ALLOCATION_ID".into(),
-        unit.allocation_id.clone().into(),
+    env.extend(
+        gantry_env(unit, work_dir)
+            .into_iter()
+            .map(|(name, value)| (name.into(), value.into())),
     );
-    env.insert("GANTRY_JOB_ID".into(), unit.job_id.clone().into());
     env
-}
-
-/// `GPU-uuid-a,1`: UUIDs where known (they survive index reordering), else indexes.
-fn visible_devices(gpus: &[GpuAssignment]) -> String {
-    gpus.iter()
-        .map(|gpu| gpu.uuid.clone().unwrap_or_else(|| gpu.index.to_string()))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn build_command(
@@ -467,13 +444,11 @@ async fn start_unit(
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
 
-    let mut env = unit_env(&unit, std::env::vars_os());
-    env.extend(
-        super::allocation_dirs_env(&work_dir)
-            .into_iter()
-            .map(|(name, value)| (name.into(), value.into())),
+    let command = build_command(
+        &unit,
+        &work_dir,
+        unit_env(&unit, &work_dir, std::env::vars_os()),
     );
-    let command = build_command(&unit, &work_dir, env);
     let mut child = spawn_on_spawner_thread(spawner, command)
         .await
         .map_err(|e| start_error(&allocation_id, format!("run {:?}: {e}", unit.command[0])))?;
@@ -660,64 +635,6 @@ async fn wait_exited(handle: &UnitHandle) {
     let _ = exited.wait_for(|exited| *exited).await;
 }
 
-/// One output stream of a unit on disk, bounded by rotation (see the module documentation).
-struct BoundedLog {
-    path: PathBuf,
-    rotated_path: PathBuf,
-    file: tokio::fs::File,
-    len_bytes: u64,
-    log_bytes_max: u64,
-}
-
-impl BoundedLog {
-    /// Appends to what an earlier unit with the same allocation id left.
-    async fn open(dir: &Path, name: &str, log_bytes_max: u64) -> io::Result<Self> {
-        let path = dir.join(name);
-        let file = open_append(&path).await?;
-        let len_bytes = file.metadata().await?.len();
-        Ok(Self {
-            rotated_path: dir.join(format!("{name}{ROTATED_SUFFIX}")),
-            path,
-            file,
-            len_bytes,
-            log_bytes_max,
-        })
-    }
-
-    async fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
-        if self.log_bytes_max == 0 {
-            return Ok(());
-        }
-        while !data.is_empty() {
-            if self.len_bytes >= self.log_bytes_max {
-                self.rotate().await?;
-            }
-            let room = (self.log_bytes_max - self.len_bytes).min(data.len() as u64) as usize;
-            self.file.write_all(&data[..room]).await?;
-            self.len_bytes += room as u64;
-            data = &data[room..];
-        }
-        // tokio's File writes in the background; make the bytes visible to `logs` now.
-        self.file.flush().await
-    }
-
-    async fn rotate(&mut self) -> io::Result<()> {
-        self.file.flush().await?;
-        tokio::fs::rename(&self.path, &self.rotated_path).await?;
-        self.file = open_append(&self.path).await?;
-        self.len_bytes = 0;
-        Ok(())
-    }
-}
-
-async fn open_append(path: &Path) -> io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await
-}
-
 /// Copies a unit's stream to its log until the stream closes. A failing disk never blocks the
 /// unit: the output is then read and dropped.
 async fn copy_output(mut pipe: impl AsyncRead + Unpin, mut log: BoundedLog, allocation_id: String) {
@@ -736,72 +653,18 @@ async fn copy_output(mut pipe: impl AsyncRead + Unpin, mut log: BoundedLog, allo
             continue;
         }
         if let Err(e) = log.write(&buffer[..n_bytes]).await {
-            tracing::warn!(allocation = %allocation_id, log = %log.path.display(), "writing the unit's output failed; dropping the rest: {e}");
+            tracing::warn!(allocation = %allocation_id, log = %log.path().display(), "writing the unit's output failed; dropping the rest: {e}");
             log_failed = true;
         }
     }
 }
 
-/// The newest `bytes` of a stream: the end of `<name>.1` followed by `<name>`. A read that races
-/// a rotation may miss or repeat what was rotated at that moment.
-async fn read_logs(
-    work_root: &Path,
-    allocation_id: &str,
-    stderr: bool,
-    bytes: u64,
-) -> Result<Vec<u8>, RuntimeError> {
-    if !is_safe_allocation_id(allocation_id) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{allocation_id:?} is not an allocation id"),
-        )
-        .into());
-    }
-    let dir = work_root.join(allocation_id);
-    if !tokio::fs::metadata(&dir)
-        .await
-        .is_ok_and(|meta| meta.is_dir())
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no logs for allocation {allocation_id}"),
-        )
-        .into());
-    }
-    let name = if stderr { STDERR_LOG } else { STDOUT_LOG };
-    let newest = read_tail(&dir.join(name), bytes).await?;
-    let wanted_older_bytes = bytes - newest.len() as u64;
-    if wanted_older_bytes == 0 {
-        return Ok(newest);
-    }
-    let mut output = read_tail(
-        &dir.join(format!("{name}{ROTATED_SUFFIX}")),
-        wanted_older_bytes,
-    )
-    .await?;
-    output.extend_from_slice(&newest);
-    Ok(output)
-}
-
-/// The last `bytes` of a file; nothing when it does not exist.
-async fn read_tail(path: &Path, bytes: u64) -> io::Result<Vec<u8>> {
-    let mut file = match tokio::fs::File::open(path).await {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let len_bytes = file.metadata().await?.len();
-    let start = len_bytes.saturating_sub(bytes);
-    file.seek(SeekFrom::Start(start)).await?;
-    let n_bytes = len_bytes - start;
-    let mut output = Vec::with_capacity(n_bytes as usize);
-    file.take(n_bytes).read_to_end(&mut output).await?;
-    Ok(output)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::logs::ROTATED_SUFFIX;
+    use crate::runtime::GpuAssignment;
+    use std::path::PathBuf;
     use std::time::Instant;
 
     /// Every wait in these tests is bounded by this (or less).
@@ -999,7 +862,8 @@ mod tests {
                 .iter()
                 .map(|(name, value)| (name.into(), value.into()))
                 .collect();
-            assert_eq!(unit_env(unit, agent_env), expected);
+            let work_dir = Path::new("/work").join(&unit.allocation_id);
+            assert_eq!(unit_env(unit, &work_dir, agent_env), expected);
         };
         let mut with_gpus = unit("a-1", &["train"]);
         with_gpus.env = BTreeMap::from([
@@ -1036,6 +900,7 @@ mod tests {
                 ("NVIDIA_VISIBLE_DEVICES", "GPU-uuid-a,1"),
                 ("GANTRY_ALLOCATION_ID", "a-1"),
                 ("GANTRY_JOB_ID", "job-1"),
+                ("GANTRY_ALLOC_DIR", "/work/a-1"),
             ],
         );
         check(
@@ -1047,6 +912,7 @@ mod tests {
                 ("NVIDIA_VISIBLE_DEVICES", ""),
                 ("GANTRY_ALLOCATION_ID", "a-2"),
                 ("GANTRY_JOB_ID", "job-1"),
+                ("GANTRY_ALLOC_DIR", "/work/a-2"),
             ],
         );
     }
@@ -1057,7 +923,10 @@ mod tests {
         // A unique name: tests run in parallel threads of one process.
         let secret_name = format!("GANTRY_TEST_SECRET_{:016x}", rand::random::<u64>());
         std::env::set_var(&secret_name, "hunter2");
-        let mut unit = sh("env-1", "env; echo \"cwd=$(pwd -P)\"; echo to-stderr >&2");
+        let mut unit = sh(
+            "env-1",
+            "env; echo \"cwd=$(pwd -P)\"; echo \"alloc=$(cd \"$GANTRY_ALLOC_DIR\" && pwd -P)\"; echo to-stderr >&2",
+        );
         unit.env = BTreeMap::from([("MY_SETTING".to_string(), "hello world".to_string())]);
         unit.gpus = vec![
             GpuAssignment {
@@ -1101,11 +970,13 @@ mod tests {
             .map(|line| line.split('=').next().unwrap())
             .collect();
         assert_eq!(gantry_names.len(), 5, "{gantry_names:?}");
-        let cwd = stdout
-            .lines()
-            .find_map(|line| line.strip_prefix("cwd="))
-            .unwrap();
-        assert_eq!(Path::new(cwd), work_dir.canonicalize().unwrap());
+        for key in ["cwd=", "alloc="] {
+            let dir = stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .unwrap();
+            assert_eq!(Path::new(dir), work_dir.canonicalize().unwrap(), "{key}");
+        }
         assert_eq!(
             std::fs::read_to_string(work_dir.join(STDERR_LOG)).unwrap(),
             "to-stderr\n"

@@ -343,6 +343,7 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
                     .max(job.restarts),
                 stop_requested: a.stop_requested,
                 generation: a.generation,
+                image: a.image.clone(),
             }
         })
         .collect();

@@ -182,6 +182,10 @@ pub struct AllocationView {
     pub stop_requested: bool,
     /// The job's spec generation this allocation runs.
     pub generation: u32,
+    /// Containers: the image as the agent resolved it when the unit started (`name@sha256:…`,
+    /// or the local image id `sha256:…` for an image without a repo digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
