@@ -901,6 +901,8 @@ mod tests {
                 ("GANTRY_ALLOCATION_ID", "a-1"),
                 ("GANTRY_JOB_ID", "job-1"),
                 ("GANTRY_ALLOC_DIR", "/work/a-1"),
+                ("GANTRY_INPUT_DIR", "/work/a-1/in"),
+                ("GANTRY_OUTPUT_DIR", "/work/a-1/out"),
             ],
         );
         check(
@@ -913,6 +915,8 @@ mod tests {
                 ("GANTRY_ALLOCATION_ID", "a-2"),
                 ("GANTRY_JOB_ID", "job-1"),
                 ("GANTRY_ALLOC_DIR", "/work/a-2"),
+                ("GANTRY_INPUT_DIR", "/work/a-2/in"),
+                ("GANTRY_OUTPUT_DIR", "/work/a-2/out"),
             ],
         );
     }

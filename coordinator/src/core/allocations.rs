@@ -743,7 +743,7 @@ fn reserve(view: &mut ClusterView, entry: &PlacementEntry, spec: &JobSpec) -> bo
     let runtime_ok = node
         .runtimes
         .iter()
-        .any(|r| !needs_container || *r != RuntimeKind::Process);
+        .any(|r| needs_container == (*r != RuntimeKind::Process));
     let gpus_ok = entry.gpus.len() as u32 == spec.resources.n_gpus
         && entry.gpus.iter().collect::<BTreeSet<_>>().len() == entry.gpus.len()
         && entry.gpus.iter().all(|index| {

@@ -834,10 +834,11 @@ impl<'a> Pass<'a> {
             .classes
             .iter()
             .map(|class| {
+                // An image needs a container runtime; a bare command, the process runtime.
                 let runtime_ok = if needs_container {
                     class.runtimes & (RUNTIME_DOCKER | RUNTIME_KUBERNETES) != 0
                 } else {
-                    class.runtimes != 0
+                    class.runtimes & RUNTIME_PROCESS != 0
                 };
                 let model_ok = demand.n_gpus == 0
                     || match want {
@@ -2454,7 +2455,7 @@ mod tests {
     }
 
     #[test]
-    fn images_need_a_container_runtime_and_commands_take_any() {
+    fn images_need_a_container_runtime_and_commands_the_process_runtime() {
         check(
             "
             node a/n1 runtimes=process
@@ -2465,7 +2466,7 @@ mod tests {
             ",
             "
             img/0 -> b/n1
-            cmd/0 -> b/n1
+            cmd/0 -> a/n1
             unplaced img2/0: no node fits 64 CPUs and 1GiB of memory: 1 node removed by runtime, 1 by cpu
               filtered: runtime=1 cpu=1
             ",
