@@ -4,6 +4,7 @@
 //! Architecture invariant: a runtime decides nothing; it starts, stops and reports what it was
 //! told to, and it can list what it is running so a restarted agent can reconcile.
 
+pub mod kubernetes;
 pub mod process;
 
 use gantry_protocol::jobspec::JobSpec;
