@@ -1062,3 +1062,584 @@ pub fn observe(pod: &Pod) -> (PodState, Option<String>) {
     })();
     (state, image_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const MINUTE_MS: u64 = 60_000;
+
+    fn config() -> TrackerConfig {
+        TrackerConfig {
+            namespace: "gantry".into(),
+            unschedulable_timeout_ms: 30_000,
+            pod_appear_timeout_ms: 60_000,
+            unready_timeout_ms: 60_000,
+            ended_retention_ms: 10 * MINUTE_MS,
+            service_linger_ms: MINUTE_MS,
+        }
+    }
+
+    fn node(name: &str, allocatable: Value, labels: Value) -> Node {
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels },
+            "status": {
+                "allocatable": allocatable,
+                "capacity": { "ephemeral-storage": "100Gi" },
+                "conditions": [{ "type": "Ready", "status": "True" }],
+                "nodeInfo": { "operatingSystem": "linux", "architecture": "amd64" },
+            },
+        }))
+        .unwrap()
+    }
+
+    fn plain_node(name: &str) -> Node {
+        node(name, json!({ "cpu": "8", "memory": "32Gi" }), json!({}))
+    }
+
+    /// A pod on `node` requesting `requests`; Gantry's when `allocation` is given.
+    fn pod(
+        namespace: &str,
+        name: &str,
+        allocation: Option<&str>,
+        node: Option<&str>,
+        requests: Value,
+        status: Value,
+    ) -> Pod {
+        let labels = match allocation {
+            Some(allocation) => json!({
+                "app.kubernetes.io/managed-by": "gantry", "gantry.job": "j-1", "gantry.allocation": allocation,
+            }),
+            None => json!({ "app": "other" }),
+        };
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": namespace, "labels": labels },
+            "spec": {
+                "nodeName": node,
+                "containers": [{ "name": "main", "image": "img:1", "resources": { "requests": requests, "limits": { "memory": "1Gi" } } }],
+            },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn ours(name: &str, allocation: &str, status: Value) -> Pod {
+        pod("gantry", name, Some(allocation), Some("node-a"), json!({}), status)
+    }
+
+    fn running(ready: bool) -> Value {
+        json!({
+            "phase": "Running",
+            "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" } }],
+            "containerStatuses": [{
+                "name": "main", "image": "img:1", "imageID": "docker-pullable://img@sha256:abc",
+                "ready": ready, "restartCount": 0, "state": { "running": {} },
+            }],
+        })
+    }
+
+    fn terminated(phase: &str, exit_code: i32, reason: &str) -> Value {
+        json!({
+            "phase": phase,
+            "containerStatuses": [{
+                "name": "main", "image": "img:1", "imageID": "img@sha256:abc", "ready": false, "restartCount": 0,
+                "state": { "terminated": { "exitCode": exit_code, "reason": reason } },
+            }],
+        })
+    }
+
+    fn waiting(reason: &str, message: &str) -> Value {
+        json!({
+            "phase": "Pending",
+            "containerStatuses": [{
+                "name": "main", "image": "img:1", "imageID": "", "ready": false, "restartCount": 0,
+                "state": { "waiting": { "reason": reason, "message": message } },
+            }],
+        })
+    }
+
+    fn unschedulable(message: &str) -> Value {
+        json!({
+            "phase": "Pending",
+            "conditions": [{ "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message }],
+        })
+    }
+
+    fn failed(exit_code: Option<i32>, reason: &str) -> Exit {
+        Exit::Failed {
+            exit_code,
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn pod_status_reads_as_gantry_reports_it() {
+        let cases: Vec<(Value, PodState)> = vec![
+            (json!({ "phase": "Pending" }), PodState::Pending { unschedulable: None }),
+            (
+                unschedulable("0/3 nodes are available: 3 Insufficient cpu."),
+                PodState::Pending {
+                    unschedulable: Some("0/3 nodes are available: 3 Insufficient cpu.".into()),
+                },
+            ),
+            (running(false), PodState::Running { ready: false }),
+            (running(true), PodState::Running { ready: true }),
+            (terminated("Succeeded", 0, "Completed"), PodState::Ended(Exit::Code(0))),
+            (terminated("Failed", 3, "Error"), PodState::Ended(Exit::Code(3))),
+            (
+                terminated("Failed", 137, "OOMKilled"),
+                PodState::Ended(failed(
+                    Some(137),
+                    "killed for using more than its memory limit of 1Gi (OOMKilled)",
+                )),
+            ),
+            (
+                json!({ "phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory." }),
+                PodState::Ended(failed(
+                    None,
+                    "evicted by Kubernetes: The node was low on resource: memory.",
+                )),
+            ),
+            (
+                json!({ "phase": "Failed", "reason": "OutOfcpu", "message": "Node didn't have enough resource: cpu" }),
+                PodState::Ended(failed(
+                    None,
+                    "the pod failed (OutOfcpu): Node didn't have enough resource: cpu",
+                )),
+            ),
+            (
+                waiting("ErrImagePull", "pull access denied"),
+                PodState::Refused("the image img:1 cannot be used (ErrImagePull): pull access denied".into()),
+            ),
+            (
+                waiting("ImagePullBackOff", "Back-off pulling image \"img:1\""),
+                PodState::Refused(
+                    "the image img:1 cannot be used (ImagePullBackOff): Back-off pulling image \"img:1\"".into(),
+                ),
+            ),
+            (
+                waiting("ErrImageNeverPull", "Container image \"img:1\" is not present with pull policy of Never"),
+                PodState::Refused("the image img:1 cannot be used (ErrImageNeverPull): Container image \"img:1\" is not present with pull policy of Never".into()),
+            ),
+            (
+                waiting("ContainerCreating", ""),
+                PodState::Pending { unschedulable: None },
+            ),
+            // A Deployment's container that exited and is being restarted: the replica ended.
+            (
+                json!({
+                    "phase": "Running",
+                    "containerStatuses": [{
+                        "name": "main", "image": "img:1", "imageID": "img@sha256:abc", "ready": false, "restartCount": 1,
+                        "state": { "waiting": { "reason": "CrashLoopBackOff" } },
+                        "lastState": { "terminated": { "exitCode": 2, "reason": "Error" } },
+                    }],
+                }),
+                PodState::Ended(Exit::Code(2)),
+            ),
+        ];
+        for (status, expected) in cases {
+            let (state, _) = observe(&ours("p", "a", status.clone()));
+            assert_eq!(state, expected, "{status}");
+        }
+        let (_, image) = observe(&ours("p", "a", running(true)));
+        assert_eq!(image.as_deref(), Some("img@sha256:abc"), "the runtime's prefix goes");
+    }
+
+    #[test]
+    fn nodes_report_what_other_work_leaves_free() {
+        let mut tracker = Tracker::new(config());
+        let gpu_labels = json!({
+            "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "nvidia.com/gpu.memory": "81920",
+            "kubernetes.io/hostname": "gpu-host-1",
+        });
+        let nodes = vec![
+            node(
+                "gpu-1",
+                json!({ "cpu": "63900m", "memory": "500Gi", "nvidia.com/gpu": "4", "ephemeral-storage": "90Gi" }),
+                gpu_labels,
+            ),
+            plain_node("cpu-1"),
+        ];
+        let _ = tracker.handle_nodes_listed(nodes, 0);
+        let other = json!({ "cpu": "1500m", "memory": "2Gi", "nvidia.com/gpu": "1" });
+        let _ = tracker.handle_pods_listed(
+            vec![
+                pod("ml", "other-1", None, Some("gpu-1"), other.clone(), json!({ "phase": "Running" })),
+                // Not counted: finished, not yet bound, or Gantry's own (the coordinator counts those).
+                pod("ml", "done", None, Some("gpu-1"), other.clone(), json!({ "phase": "Succeeded" })),
+                pod("ml", "unbound", None, None, other.clone(), json!({ "phase": "Pending" })),
+                pod("gantry", "mine", Some("j-1-0-1"), Some("gpu-1"), other.clone(), running(true)),
+                // Gantry's label in another namespace is someone else's work.
+                pod("elsewhere", "theirs", Some("j-9-0-1"), Some("cpu-1"), json!({ "cpu": "2" }), running(true)),
+            ],
+            0,
+        );
+        let capacities = tracker.capacities();
+        let names: Vec<&str> = capacities.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["cpu-1", "gpu-1"]);
+        let gpu = &capacities[1];
+        assert_eq!(
+            (gpu.hostname.as_str(), gpu.os.as_str(), gpu.arch.as_str()),
+            ("gpu-host-1", "linux", "amd64")
+        );
+        assert_eq!(gpu.cpu_cores, 62, "63.9 - 1.5 cores, rounded down");
+        assert_eq!(gpu.memory_bytes, 498 << 30);
+        assert_eq!(gpu.disk_bytes, 100 << 30);
+        assert_eq!(gpu.disk_free_bytes, 90 << 30);
+        assert_eq!(gpu.gpus.len(), 3, "one of four taken by other work");
+        assert!(gpu.gpus.iter().all(|g| g.model == "NVIDIA-A100-SXM4-80GB"
+            && g.memory_bytes == 81920 << 20
+            && g.uuid.is_none()));
+        assert_eq!(
+            gpu.gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert_eq!(capacities[0].cpu_cores, 6, "8 - 2 cores");
+        assert!(capacities[0].gpus.is_empty());
+
+        // The other pod ends: its room comes back.
+        let _ = tracker.handle_pod(
+            pod("ml", "other-1", None, Some("gpu-1"), other, json!({ "phase": "Failed" })),
+            1,
+        );
+        assert_eq!(tracker.capacities()[1].gpus.len(), 4);
+        assert_eq!(tracker.capacities()[1].cpu_cores, 63);
+
+        // GPUs without feature discovery labels are of an unknown model.
+        let _ = tracker.handle_node(
+            node("gpu-2", json!({ "cpu": "8", "memory": "8Gi", "nvidia.com/gpu": "1" }), json!({})),
+            2,
+        );
+        let unknown = &tracker.capacities()[2];
+        assert_eq!(unknown.hostname, "gpu-2");
+        assert_eq!(
+            (unknown.gpus[0].model.as_str(), unknown.gpus[0].memory_bytes),
+            ("unknown", 0)
+        );
+    }
+
+    #[test]
+    fn only_schedulable_nodes_are_offered() {
+        let with = |patch: Value| {
+            let mut value = serde_json::to_value(plain_node("n")).unwrap();
+            json_patch(&mut value, patch);
+            serde_json::from_value::<Node>(value).unwrap()
+        };
+        let cases = [
+            (json!({}), None),
+            (json!({ "spec": { "unschedulable": true } }), Some("was cordoned")),
+            (
+                json!({ "status": { "conditions": [{ "type": "Ready", "status": "False", "reason": "KubeletNotReady" }] } }),
+                Some("is not Ready (KubeletNotReady)"),
+            ),
+            (
+                json!({ "spec": { "taints": [{ "key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule" }] } }),
+                Some("is tainted node-role.kubernetes.io/control-plane:NoSchedule"),
+            ),
+            (json!({ "spec": { "taints": [{ "key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule" }] } }), None),
+            (json!({ "spec": { "taints": [{ "key": "spot", "effect": "PreferNoSchedule" }] } }), None),
+        ];
+        for (patch, expected) in cases {
+            assert_eq!(
+                unschedulable_reason(&with(patch.clone())).as_deref(),
+                expected,
+                "{patch}"
+            );
+        }
+    }
+
+    /// Merges `patch` into `value` (objects merge, everything else replaces).
+    fn json_patch(value: &mut Value, patch: Value) {
+        match (value, patch) {
+            (Value::Object(target), Value::Object(patch)) => {
+                for (key, patch) in patch {
+                    json_patch(target.entry(key).or_insert(Value::Null), patch);
+                }
+            }
+            (target, patch) => *target = patch,
+        }
+    }
+
+    fn info(allocation_id: &str, workload: Workload) -> UnitInfo {
+        UnitInfo {
+            allocation_id: allocation_id.into(),
+            job_id: "j-1".into(),
+            node: "node-a".into(),
+            workload,
+        }
+    }
+
+    fn started(allocation_id: &str) -> Action {
+        Action::Emit(RuntimeEvent::Started {
+            allocation_id: allocation_id.into(),
+            image: Some("img@sha256:abc".into()),
+        })
+    }
+
+    fn exited(allocation_id: &str, exit: Exit) -> Action {
+        Action::Emit(RuntimeEvent::Exited {
+            allocation_id: allocation_id.into(),
+            exit,
+        })
+    }
+
+    fn delete(allocation_id: &str, workload: Workload) -> Action {
+        Action::DeleteWorkload {
+            allocation_id: allocation_id.into(),
+            workload,
+        }
+    }
+
+    fn tracker_with_node_a() -> Tracker {
+        let mut tracker = Tracker::new(config());
+        let _ = tracker.handle_nodes_listed(vec![plain_node("node-a"), plain_node("node-b")], 0);
+        tracker
+    }
+
+    #[test]
+    fn a_shard_runs_ends_and_is_kept_for_its_logs() {
+        let mut tracker = tracker_with_node_a();
+        assert!(tracker.register(info("s", Workload::Job), 0));
+        assert!(!tracker.register(info("s", Workload::Job), 1), "a second start is a no-op");
+        assert_eq!(tracker.handle_pod(ours("s-x", "s", json!({ "phase": "Pending" })), 10), []);
+        assert_eq!(tracker.handle_pod(ours("s-x", "s", running(false)), 20), [started("s")]);
+        assert_eq!(tracker.running(), ["s"]);
+        assert_eq!(
+            tracker.handle_pod(ours("s-x", "s", terminated("Succeeded", 0, "Completed")), 30),
+            [exited("s", Exit::Code(0))]
+        );
+        assert!(tracker.running().is_empty());
+        assert_eq!(tracker.poll(30 + 10 * MINUTE_MS - 1), [], "kept for its logs");
+        assert_eq!(tracker.poll(30 + 10 * MINUTE_MS), [delete("s", Workload::Job)]);
+        assert_eq!(
+            tracker.handle_pod_deleted(ours("s-x", "s", terminated("Succeeded", 0, "")), 40),
+            [],
+            "its own deletion is no news"
+        );
+    }
+
+    #[test]
+    fn a_pod_that_finished_before_it_was_seen_running_still_reports_its_start() {
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("s", Workload::Job), 0);
+        assert_eq!(
+            tracker.handle_pod(ours("s-x", "s", terminated("Failed", 3, "Error")), 5),
+            [started("s"), exited("s", Exit::Code(3))]
+        );
+    }
+
+    #[test]
+    fn failures_the_pod_shows_end_the_unit_and_delete_it() {
+        let image = failed(None, "the image img:1 cannot be used (ErrImageNeverPull): absent");
+        let cases = [
+            (waiting("ErrImageNeverPull", "absent"), vec![exited("s", image), delete("s", Workload::Job)]),
+            (
+                json!({ "phase": "Failed", "reason": "Evicted", "message": "low on memory" }),
+                vec![exited("s", failed(None, "evicted by Kubernetes: low on memory"))],
+            ),
+            (
+                terminated("Failed", 137, "OOMKilled"),
+                vec![
+                    started("s"),
+                    exited("s", failed(Some(137), "killed for using more than its memory limit of 1Gi (OOMKilled)")),
+                ],
+            ),
+        ];
+        for (status, expected) in cases {
+            let mut tracker = tracker_with_node_a();
+            tracker.register(info("s", Workload::Job), 0);
+            let mut pod = ours("s-x", "s", status.clone());
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.containers[0].resources = serde_json::from_value(json!({ "limits": { "memory": "1Gi" } })).unwrap();
+            }
+            assert_eq!(tracker.handle_pod(pod, 1), expected, "{status}");
+        }
+    }
+
+    #[test]
+    fn an_unschedulable_pod_fails_after_the_bound_with_the_schedulers_message() {
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("w", Workload::Pod), 0);
+        let message = "0/2 nodes are available: 1 Insufficient nvidia.com/gpu.";
+        assert_eq!(tracker.handle_pod(ours("w", "w", unschedulable(message)), 1_000), []);
+        assert_eq!(tracker.handle_pod(ours("w", "w", unschedulable(message)), 20_000), []);
+        assert_eq!(tracker.poll(30_999), []);
+        let reason = format!("Kubernetes cannot schedule it on node node-a: {message}");
+        assert_eq!(
+            tracker.poll(31_000),
+            [exited("w", failed(None, &reason)), delete("w", Workload::Pod)]
+        );
+    }
+
+    #[test]
+    fn a_workload_without_a_pod_fails_after_the_bound() {
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("s", Workload::Job), 0);
+        assert_eq!(tracker.poll(59_999), []);
+        assert_eq!(
+            tracker.poll(60_000),
+            [
+                exited("s", failed(None, "no pod appeared for Job gantry-s within 60 s")),
+                delete("s", Workload::Job)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pod_or_node_gone_without_gantry_asking_is_lost() {
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("a", Workload::Pod), 0);
+        tracker.register(info("b", Workload::Job), 0);
+        let mut on_b = info("c", Workload::Job);
+        on_b.node = "node-b".into();
+        tracker.register(on_b, 0);
+        for (name, allocation) in [("a", "a"), ("b-x", "b"), ("c-x", "c")] {
+            tracker.handle_pod(ours(name, allocation, running(false)), 1);
+        }
+        assert_eq!(
+            tracker.handle_pod_deleted(ours("a", "a", running(false)), 2),
+            [
+                exited("a", Exit::Lost("its pod a was deleted, and not by Gantry".into())),
+                delete("a", Workload::Pod)
+            ]
+        );
+        assert_eq!(
+            tracker.handle_node_deleted("node-a", 3),
+            [exited("b", Exit::Lost("node node-a left the cluster".into())), delete("b", Workload::Job)]
+        );
+        let mut cordoned = serde_json::to_value(plain_node("node-b")).unwrap();
+        cordoned["spec"] = json!({ "unschedulable": true });
+        assert_eq!(
+            tracker.handle_node(serde_json::from_value(cordoned).unwrap(), 4),
+            [exited("c", Exit::Lost("node node-b was cordoned".into())), delete("c", Workload::Job)]
+        );
+        assert!(tracker.capacities().is_empty());
+    }
+
+    #[test]
+    fn a_stop_waits_for_the_pods_and_the_service_lingers() {
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("r", Workload::Deployment), 0);
+        tracker.handle_pod(ours("r-1", "r", running(true)), 1);
+        let plan = tracker.begin_stop("r").unwrap();
+        assert_eq!(plan.workload, Workload::Deployment);
+        assert!(!plan.already_ended);
+        assert!(!tracker.is_gone("r"));
+        assert_eq!(tracker.handle_pod_deleted(ours("r-1", "r", running(false)), 2), [], "no Lost, no Health");
+        assert!(tracker.is_gone("r"));
+        assert_eq!(tracker.finish_stop("r", 3), [exited("r", Exit::Stopped)]);
+        assert!(tracker.running().is_empty());
+        assert_eq!(tracker.poll(3 + MINUTE_MS - 1), []);
+        // A new replica of the job within the linger keeps the Service.
+        tracker.register(info("r2", Workload::Deployment), 10);
+        assert_eq!(tracker.poll(3 + MINUTE_MS), []);
+        tracker.begin_stop("r2");
+        assert_eq!(tracker.finish_stop("r2", 20), [exited("r2", Exit::Stopped)]);
+        assert_eq!(
+            tracker.poll(20 + MINUTE_MS),
+            [Action::DeleteJobService { job_id: "j-1".into() }]
+        );
+        assert!(tracker.begin_stop("unknown").is_none());
+    }
+
+    #[test]
+    fn a_replica_reports_readiness_and_fails_when_it_stays_unready_or_restarts() {
+        let health = |healthy| {
+            Action::Emit(RuntimeEvent::Health {
+                allocation_id: "r".into(),
+                healthy,
+            })
+        };
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("r", Workload::Deployment), 0);
+        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(false)), 1_000), [started("r")]);
+        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(true)), 2_000), [health(true)]);
+        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(true)), 3_000), []);
+        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(false)), 4_000), [health(false)]);
+        assert_eq!(tracker.poll(63_999), []);
+        assert_eq!(
+            tracker.poll(64_000),
+            [
+                exited("r", failed(None, "its readiness probe has not passed for 60 s")),
+                delete("r", Workload::Deployment)
+            ]
+        );
+
+        let mut tracker = tracker_with_node_a();
+        tracker.register(info("r", Workload::Deployment), 0);
+        tracker.handle_pod(ours("r-1", "r", running(true)), 1);
+        let restarted = json!({
+            "phase": "Running",
+            "containerStatuses": [{
+                "name": "main", "image": "img:1", "imageID": "img@sha256:abc", "ready": false, "restartCount": 1,
+                "state": { "running": {} }, "lastState": { "terminated": { "exitCode": 1 } },
+            }],
+        });
+        assert_eq!(
+            tracker.handle_pod(ours("r-1", "r", restarted), 2),
+            [exited("r", Exit::Code(1)), delete("r", Workload::Deployment)],
+            "a Deployment would restart it: the replica ended, at once"
+        );
+    }
+
+    #[test]
+    fn adoption_takes_up_running_units_and_reports_ended_ones() {
+        let mut tracker = tracker_with_node_a();
+        let _ = tracker.handle_pods_listed(
+            vec![
+                ours("run", "run", running(true)),
+                ours("done-x", "done", terminated("Succeeded", 0, "Completed")),
+                ours("serve-1", "serve", running(true)),
+            ],
+            0,
+        );
+        let found = |id: &str, workload, job_outcome| Found {
+            info: info(id, workload),
+            job_outcome,
+        };
+        let (recovered, actions) = tracker.adopt(
+            vec![
+                found("run", Workload::Pod, None),
+                found("done", Workload::Job, None),
+                found("serve", Workload::Deployment, None),
+                // A Job whose pod is gone: its conditions say how it ended.
+                found("old", Workload::Job, Some(Exit::Code(0))),
+                // A Job whose pod is not there yet: adopted, to wait for it.
+                found("new", Workload::Job, None),
+            ],
+            vec!["j-1".into(), "j-gone".into()],
+            5,
+        );
+        let image = Some("img@sha256:abc".to_string());
+        assert_eq!(
+            recovered,
+            [
+                ("run".to_string(), Recovered::Running { image: image.clone() }),
+                ("done".to_string(), Recovered::Ended(Exit::Code(0))),
+                ("serve".to_string(), Recovered::Running { image }),
+                ("old".to_string(), Recovered::Ended(Exit::Code(0))),
+                ("new".to_string(), Recovered::Running { image: None }),
+            ]
+        );
+        assert_eq!(
+            actions,
+            [
+                delete("done", Workload::Job),
+                Action::Emit(RuntimeEvent::Health {
+                    allocation_id: "serve".into(),
+                    healthy: true
+                }),
+                delete("old", Workload::Job),
+                Action::DeleteJobService { job_id: "j-gone".into() },
+            ]
+        );
+        assert_eq!(tracker.running(), ["new", "run", "serve"]);
+        assert_eq!(
+            tracker.handle_pod(ours("run", "run", terminated("Succeeded", 0, "")), 6),
+            [exited("run", Exit::Code(0))],
+            "adopted units are watched again"
+        );
+    }
+}
