@@ -383,12 +383,17 @@ impl KubernetesRuntime {
         {
             tracing::warn!(allocation = %allocation_id, "could not delete its {}: {}", plan.workload.kind(), describe(&e));
         }
+        if plan.workload != Workload::Pod {
+            // The garbage collector deletes a Job's or Deployment's pods with their own grace
+            // period, not the one asked for here.
+            self.delete_pods(&allocation_id, grace_s).await;
+        }
         if !self
             .wait_gone(&allocation_id, grace + self.options.stop_margin)
             .await
         {
             tracing::warn!(allocation = %allocation_id, "its pods outlived the grace; deleting them without grace");
-            self.force_delete_pods(&allocation_id).await;
+            self.delete_pods(&allocation_id, 0).await;
             if !self.wait_gone(&allocation_id, FORCE_DELETE_WAIT).await {
                 tracing::warn!(allocation = %allocation_id, "its pods are still there (is their node down?); reporting it stopped anyway");
             }
@@ -406,24 +411,19 @@ impl KubernetesRuntime {
         matches!(tokio::time::timeout(timeout, wait).await, Ok(Some(())))
     }
 
-    async fn force_delete_pods(&self, allocation_id: &str) {
+    /// Deletes the allocation's pods, by label.
+    async fn delete_pods(&self, allocation_id: &str, grace_s: u32) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let selector = format!("{LABEL_ALLOCATION}={allocation_id}");
         let params = DeleteParams {
-            grace_period_seconds: Some(0),
+            grace_period_seconds: Some(grace_s),
             ..DeleteParams::default()
         };
-        match pods.list(&ListParams::default().labels(&selector)).await {
-            Ok(list) => {
-                for pod in list.items {
-                    if let Err(e) = pods.delete(&pod.name_any(), &params).await {
-                        if status_code(&e) != Some(404) {
-                            tracing::warn!(pod = %pod.name_any(), "could not delete: {}", describe(&e));
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(allocation = %allocation_id, "could not list its pods: {}", describe(&e)),
+        if let Err(e) = pods
+            .delete_collection(&params, &ListParams::default().labels(&selector))
+            .await
+        {
+            tracing::warn!(allocation = %allocation_id, "could not delete its pods: {}", describe(&e));
         }
     }
 
