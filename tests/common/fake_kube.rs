@@ -138,6 +138,20 @@ impl Drop for FakeKube {
     }
 }
 
+/// A request the fake refuses, as the API server's `Status`.
+#[derive(Debug)]
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn response(self) -> Response {
+        status(self.code, self.reason, self.message)
+    }
+}
+
 fn status(code: u16, reason: &str, message: String) -> Response {
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -223,25 +237,36 @@ impl Store {
     }
 
     /// Stores a new object as the API server would: metadata filled, ADDED sent.
-    fn insert(&mut self, kind: Kind, namespace: &str, mut object: Value) -> Result<Value, Response> {
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    fn insert(&mut self, kind: Kind, namespace: &str, mut object: Value) -> Result<Value, Refusal> {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if name.is_empty() {
-            return Err(status(422, "Invalid", format!("{}: metadata.name: Required value", kind.plural())));
+            return Err(Refusal {
+                code: 422,
+                reason: "Invalid",
+                message: format!("{}: metadata.name: Required value", kind.plural()),
+            });
         }
         if kind.namespaced()
             && !self
                 .objects
                 .contains_key(&Store::key(Kind::Namespace, "", namespace))
         {
-            return Err(status(404, "NotFound", format!("namespaces \"{namespace}\" not found")));
+            return Err(Refusal {
+                code: 404,
+                reason: "NotFound",
+                message: format!("namespaces \"{namespace}\" not found"),
+            });
         }
         let key = Store::key(kind, namespace, &name);
         if self.objects.contains_key(&key) {
-            return Err(status(
-                409,
-                "AlreadyExists",
-                format!("{} \"{name}\" already exists", kind.plural()),
-            ));
+            return Err(Refusal {
+                code: 409,
+                reason: "AlreadyExists",
+                message: format!("{} \"{name}\" already exists", kind.plural()),
+            });
         }
         self.counter += 1;
         let version = self.next_version();
@@ -290,15 +315,23 @@ impl Store {
         let Some(node) = node else {
             return;
         };
-        if self.objects.contains_key(&Store::key(Kind::Node, "", &node)) {
+        if self
+            .objects
+            .contains_key(&Store::key(Kind::Node, "", &node))
+        {
             pod["spec"]["nodeName"] = json!(node);
-            pod["status"]["conditions"] =
-                json!([{ "type": "PodScheduled", "status": "True" }]);
+            pod["status"]["conditions"] = json!([{ "type": "PodScheduled", "status": "True" }]);
         }
     }
 
     /// The Job or ReplicaSet controller: one pod from the template.
-    fn make_pod_for(&mut self, owner_key: &Key, owner: &Value, owner_kind: &str, hash: Option<String>) {
+    fn make_pod_for(
+        &mut self,
+        owner_key: &Key,
+        owner: &Value,
+        owner_kind: &str,
+        hash: Option<String>,
+    ) {
         let name = owner["metadata"]["name"].as_str().unwrap_or_default();
         let namespace = owner_key.1.clone();
         let uid = owner["metadata"]["uid"].clone();
@@ -320,7 +353,11 @@ impl Store {
                 (format!("{name}-{suffix}"), name.to_string())
             }
         };
-        let api_version = if owner_kind == "Job" { "batch/v1" } else { "apps/v1" };
+        let api_version = if owner_kind == "Job" {
+            "batch/v1"
+        } else {
+            "apps/v1"
+        };
         let pod = json!({
             "metadata": {
                 "name": pod_name,
@@ -362,7 +399,12 @@ impl Store {
     /// Deletes as the API server does: a pod with a grace period is marked first (when the
     /// fake is told to keep pods until the kubelet confirms), owners take their pods along
     /// unless orphaning.
-    fn delete(&mut self, key: &Key, grace_s: Option<i64>, propagation: Option<&str>) -> Option<Value> {
+    fn delete(
+        &mut self,
+        key: &Key,
+        grace_s: Option<i64>,
+        propagation: Option<&str>,
+    ) -> Option<Value> {
         if key.0 == Kind::Pod && self.linger_pod_deletes && grace_s != Some(0) {
             let grace = grace_s.unwrap_or(30);
             let already = self.objects.get(key)?["metadata"]["deletionTimestamp"].is_string();
@@ -376,7 +418,11 @@ impl Store {
             });
         }
         let object = self.remove(key)?;
-        let default_propagation = if key.0 == Kind::Job { "Orphan" } else { "Background" };
+        let default_propagation = if key.0 == Kind::Job {
+            "Orphan"
+        } else {
+            "Background"
+        };
         if propagation.unwrap_or(default_propagation) != "Orphan" {
             for (namespace, name) in self.dependents.remove(key).unwrap_or_default() {
                 // The garbage collector deletes dependents with their own grace.
@@ -476,10 +522,16 @@ async fn handle(
         .into_response();
     }
     let Some(target) = parse_path(&path) else {
-        return status(404, "NotFound", format!("the server could not find the requested resource {path}"));
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource {path}"),
+        );
     };
     let namespace = target.namespace.clone().unwrap_or_default();
-    let selector = query_value(&query, "labelSelector").unwrap_or_default().to_string();
+    let selector = query_value(&query, "labelSelector")
+        .unwrap_or_default()
+        .to_string();
     match (&method, &target.name) {
         (&Method::GET, None) if query_value(&query, "watch") == Some("true") => {
             watch(&store, &target, &query, &selector)
@@ -499,7 +551,11 @@ async fn handle(
             let store = store.lock().unwrap();
             let key = Store::key(target.kind, &namespace, name);
             let Some(object) = store.objects.get(&key) else {
-                return status(404, "NotFound", format!("{} \"{name}\" not found", target.kind.plural()));
+                return status(
+                    404,
+                    "NotFound",
+                    format!("{} \"{name}\" not found", target.kind.plural()),
+                );
             };
             if target.subresource.as_deref() == Some("log") {
                 return log(&store, object, &namespace, name, &query);
@@ -513,7 +569,7 @@ async fn handle(
             let mut store = store.lock().unwrap();
             match store.insert(target.kind, &namespace, object) {
                 Ok(created) => (StatusCode::CREATED, axum::Json(created)).into_response(),
-                Err(response) => response,
+                Err(refusal) => refusal.response(),
             }
         }
         (&Method::DELETE, name) => {
@@ -528,14 +584,21 @@ async fn handle(
                     let key = Store::key(target.kind, &namespace, name);
                     match store.delete(&key, grace, propagation.as_deref()) {
                         Some(object) => axum::Json(object).into_response(),
-                        None => status(404, "NotFound", format!("{} \"{name}\" not found", target.kind.plural())),
+                        None => status(
+                            404,
+                            "NotFound",
+                            format!("{} \"{name}\" not found", target.kind.plural()),
+                        ),
                     }
                 }
                 None => {
                     let matching = store.list(target.kind, target.namespace.as_deref(), &selector);
                     let mut deleted = Vec::new();
                     for object in matching {
-                        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                        let name = object["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
                         let key = Store::key(target.kind, &namespace, &name);
                         deleted.extend(store.delete(&key, grace, propagation.as_deref()));
                     }
@@ -549,11 +612,21 @@ async fn handle(
                 }
             }
         }
-        _ => status(405, "MethodNotAllowed", format!("{method} {path} is not supported by the fake")),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            format!("{method} {path} is not supported by the fake"),
+        ),
     }
 }
 
-fn log(store: &Store, pod: &Value, namespace: &str, name: &str, query: &[(String, String)]) -> Response {
+fn log(
+    store: &Store,
+    pod: &Value,
+    namespace: &str,
+    name: &str,
+    query: &[(String, String)],
+) -> Response {
     let started = pod["status"]["containerStatuses"][0]["state"]
         .as_object()
         .is_some_and(|state| state.contains_key("running") || state.contains_key("terminated"));
@@ -562,7 +635,9 @@ fn log(store: &Store, pod: &Value, namespace: &str, name: &str, query: &[(String
             return status(
                 400,
                 "BadRequest",
-                format!("container \"main\" in pod \"{name}\" is waiting to start: ContainerCreating"),
+                format!(
+                    "container \"main\" in pod \"{name}\" is waiting to start: ContainerCreating"
+                ),
             );
         }
         return String::new().into_response();
@@ -578,8 +653,15 @@ fn log(store: &Store, pod: &Value, namespace: &str, name: &str, query: &[(String
     out.into_response()
 }
 
-fn watch(store: &Arc<Mutex<Store>>, target: &Target, query: &[(String, String)], selector: &str) -> Response {
-    let from = query_value(query, "resourceVersion").unwrap_or_default().to_string();
+fn watch(
+    store: &Arc<Mutex<Store>>,
+    target: &Target,
+    query: &[(String, String)],
+    selector: &str,
+) -> Response {
+    let from = query_value(query, "resourceVersion")
+        .unwrap_or_default()
+        .to_string();
     let kind = target.kind;
     let namespace = target.namespace.clone();
     let selector = selector.to_string();
@@ -589,7 +671,8 @@ fn watch(store: &Arc<Mutex<Store>>, target: &Target, query: &[(String, String)],
             && selector_matches(&selector, object)
     };
     let line = |kind_of_change: &str, object: &Value| {
-        let mut line = serde_json::to_vec(&json!({ "type": kind_of_change, "object": object })).unwrap();
+        let mut line =
+            serde_json::to_vec(&json!({ "type": kind_of_change, "object": object })).unwrap();
         line.push(b'\n');
         Bytes::from(line)
     };
@@ -669,7 +752,11 @@ impl FakeKube {
             let mut store = store.lock().unwrap();
             for namespace in ["default", "kube-system"] {
                 store
-                    .insert(Kind::Namespace, "", json!({ "metadata": { "name": namespace } }))
+                    .insert(
+                        Kind::Namespace,
+                        "",
+                        json!({ "metadata": { "name": namespace } }),
+                    )
                     .unwrap();
             }
         }
@@ -720,7 +807,10 @@ impl FakeKube {
 
     pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         let store = self.store.lock().unwrap();
-        store.objects.get(&Store::key(kind, namespace, name)).cloned()
+        store
+            .objects
+            .get(&Store::key(kind, namespace, name))
+            .cloned()
     }
 
     pub fn list(&self, kind: Kind, namespace: Option<&str>, selector: &str) -> Vec<Value> {
@@ -731,7 +821,12 @@ impl FakeKube {
     pub fn names(&self, kind: Kind, namespace: &str, selector: &str) -> Vec<String> {
         self.list(kind, Some(namespace), selector)
             .iter()
-            .map(|o| o["metadata"]["name"].as_str().unwrap_or_default().to_string())
+            .map(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
             .collect()
     }
 
@@ -750,7 +845,13 @@ impl FakeKube {
     }
 
     /// Changes an object and sends MODIFIED; false when there is no such object.
-    pub fn update(&self, kind: Kind, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) -> bool {
+    pub fn update(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        change: impl FnOnce(&mut Value),
+    ) -> bool {
         let mut store = self.store.lock().unwrap();
         store
             .modify(&Store::key(kind, namespace, name), change)
@@ -825,7 +926,11 @@ impl FakeKube {
     /// The container exited with `exit_code` (`reason` as the kubelet names it).
     pub fn end_pod(&self, namespace: &str, name: &str, exit_code: i32, reason: &str) {
         let image = self.pod_image(namespace, name);
-        let phase = if exit_code == 0 { "Succeeded" } else { "Failed" };
+        let phase = if exit_code == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
         self.pod_status(
             namespace,
             name,
@@ -884,14 +989,19 @@ impl FakeKube {
 
     fn pod_image(&self, namespace: &str, name: &str) -> String {
         self.get(Kind::Pod, namespace, name)
-            .and_then(|pod| pod["spec"]["containers"][0]["image"].as_str().map(str::to_string))
+            .and_then(|pod| {
+                pod["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .unwrap_or_default()
     }
 }
 
 /// A Ready node with `cpu`, `memory` and `gpus` allocatable and these labels.
 pub fn node(name: &str, cpu: &str, memory: &str, gpus: u32, labels: Value) -> Value {
-    let mut allocatable = json!({ "cpu": cpu, "memory": memory, "ephemeral-storage": "100Gi", "pods": "110" });
+    let mut allocatable =
+        json!({ "cpu": cpu, "memory": memory, "ephemeral-storage": "100Gi", "pods": "110" });
     if gpus > 0 {
         allocatable["nvidia.com/gpu"] = json!(gpus.to_string());
     }

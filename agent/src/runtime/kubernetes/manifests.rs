@@ -76,7 +76,10 @@ pub fn check(unit: &UnitSpec) -> Result<(), String> {
     if unit.image.is_none() {
         return Err("the unit names no image (Kubernetes runs containers only)".into());
     }
-    for (what, value) in [("allocation id", &unit.allocation_id), ("job id", &unit.job_id)] {
+    for (what, value) in [
+        ("allocation id", &unit.allocation_id),
+        ("job id", &unit.job_id),
+    ] {
         if !is_label_value(value) || value.is_empty() {
             return Err(format!(
                 "the {what} {value:?} is not a valid Kubernetes label value (1 to 63 of [A-Za-z0-9._-], starting and ending alphanumeric)"
@@ -304,13 +307,7 @@ fn dns_label(name: &str) -> String {
     let mapped: String = name
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     let trimmed = mapped.trim_matches('-');
     if trimmed == name && name.len() <= DNS_LABEL_CHARS_MAX {
@@ -584,10 +581,16 @@ mod tests {
         let long = workload_name(&"a".repeat(80));
         assert_eq!(long.len(), 63, "{long}");
         assert!(long.starts_with("gantry-aaa"), "{long}");
-        assert_ne!(long, workload_name(&"a".repeat(81)), "different ids, different names");
+        assert_ne!(
+            long,
+            workload_name(&"a".repeat(81)),
+            "different ids, different names"
+        );
         let odd = job_service_name("Job_1");
         assert!(odd.starts_with("gantry-job-1-"), "{odd}");
-        assert!(odd.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert!(odd
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
 
         let spec = json!({ "name": "x", "kind": "batch", "image": "i", "command": ["true"] });
         assert!(super::check(&unit("j-1-0-1", spec.clone(), &[], 0, false)).is_ok());

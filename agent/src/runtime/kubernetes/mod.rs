@@ -119,8 +119,8 @@ pub struct KubernetesRuntime {
 enum Change<K> {
     /// Everything there is (a list at start, or after the watch had to start over).
     Listed(Vec<K>),
-    Applied(K),
-    Deleted(K),
+    Applied(Box<K>),
+    Deleted(Box<K>),
 }
 
 /// Everything the runtime's loop reacts to.
@@ -129,6 +129,11 @@ enum Input {
     Pods(Change<Pod>),
     Register {
         info: UnitInfo,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Whether a unit just created is still wanted.
+    IsWanted {
+        allocation_id: String,
         reply: oneshot::Sender<bool>,
     },
     Unregister {
@@ -326,7 +331,11 @@ impl KubernetesRuntime {
                 tracing::debug!(allocation = %unit.allocation_id, "already known; start ignored");
                 return Ok(());
             }
-            None => return Err(start_error("the Kubernetes runtime is shutting down".into())),
+            None => {
+                return Err(start_error(
+                    "the Kubernetes runtime is shutting down".into(),
+                ))
+            }
         }
         for manifest in render(&unit, &self.namespace) {
             let kind = manifest["kind"].as_str().unwrap_or_default().to_string();
@@ -355,6 +364,30 @@ impl KubernetesRuntime {
                     )));
                 }
             }
+        }
+        let allocation_id = unit.allocation_id.clone();
+        let wanted = self
+            .ask(|reply| Input::IsWanted {
+                allocation_id,
+                reply,
+            })
+            .await;
+        if wanted != Some(true) {
+            // A stop came while the objects were being created, and found nothing to delete.
+            tracing::info!(allocation = %unit.allocation_id, "stopped while starting; deleting what was created");
+            let workload = Workload::of(unit.job.kind);
+            if let Err(e) = delete_workload(
+                &self.client,
+                &self.namespace,
+                &unit.allocation_id,
+                workload,
+                Some(0),
+            )
+            .await
+            {
+                tracing::warn!(allocation = %unit.allocation_id, "could not delete its {}: {}", workload.kind(), describe(&e));
+            }
+            return Ok(());
         }
         tracing::info!(allocation = %unit.allocation_id, job = %unit.job_id, node = %unit.node, "created in Kubernetes");
         Ok(())
@@ -448,24 +481,23 @@ impl KubernetesRuntime {
                 (jobs.items, deployments.items, pods.items, services.items)
             }
             (jobs, deployments, pods, services) => {
-                let error = [
-                    jobs.err(),
-                    deployments.err(),
-                    pods.err(),
-                    services.err(),
-                ]
-                .into_iter()
-                .flatten()
-                .next()
-                .map(|e| describe(&e))
-                .unwrap_or_default();
+                let error = [jobs.err(), deployments.err(), pods.err(), services.err()]
+                    .into_iter()
+                    .flatten()
+                    .next()
+                    .map(|e| describe(&e))
+                    .unwrap_or_default();
                 tracing::error!(namespace = %namespace, "cannot list what an earlier run left, so none of it is adopted: {error}");
                 return Vec::new();
             }
         };
         let mut found = Vec::new();
         for job in &jobs {
-            if let Some(info) = unit_info(job, Workload::Job, template_node(job.spec.as_ref().map(|s| &s.template))) {
+            if let Some(info) = unit_info(
+                job,
+                Workload::Job,
+                template_node(job.spec.as_ref().map(|s| &s.template)),
+            ) {
                 found.push(Found {
                     info,
                     job_outcome: job_outcome(job),
@@ -513,7 +545,12 @@ impl KubernetesRuntime {
         let list = pods
             .list(&ListParams::default().labels(&selector))
             .await
-            .map_err(|e| not_found(format!("list the pods of {allocation_id}: {}", describe(&e))))?;
+            .map_err(|e| {
+                not_found(format!(
+                    "list the pods of {allocation_id}: {}",
+                    describe(&e)
+                ))
+            })?;
         let newest = list
             .items
             .into_iter()
@@ -527,7 +564,8 @@ impl KubernetesRuntime {
         let bytes_max = bytes.min(self.log_bytes_max);
         // `limitBytes` keeps the oldest bytes, so the tail is asked for in lines, more of
         // them until they hold enough.
-        let mut tail_lines = i64::try_from(bytes_max / LOG_LINE_BYTES_GUESS + 1).unwrap_or(i64::MAX);
+        let mut tail_lines =
+            i64::try_from(bytes_max / LOG_LINE_BYTES_GUESS + 1).unwrap_or(i64::MAX);
         let mut log = Vec::new();
         for _ in 0..LOG_TRIES_MAX {
             let params = LogParams {
@@ -541,16 +579,22 @@ impl KubernetesRuntime {
                 .await
                 .map_err(|e| not_found(format!("read the log of pod {name}: {}", describe(&e))))?;
             log.clear();
-            futures::AsyncReadExt::read_to_end(&mut futures::AsyncReadExt::take(reader, self.log_bytes_max), &mut log)
-                .await?;
+            futures::AsyncReadExt::read_to_end(
+                &mut futures::AsyncReadExt::take(reader, self.log_bytes_max),
+                &mut log,
+            )
+            .await?;
             let lines = log.iter().filter(|&&b| b == b'\n').count();
             let whole_log = i64::try_from(lines).unwrap_or(i64::MAX) < tail_lines;
-            if whole_log || log.len() as u64 >= bytes_max || log.len() as u64 >= self.log_bytes_max {
+            if whole_log || log.len() as u64 >= bytes_max || log.len() as u64 >= self.log_bytes_max
+            {
                 break;
             }
             tail_lines = tail_lines.saturating_mul(LOG_TAIL_GROWTH);
         }
-        let keep = log.len().min(usize::try_from(bytes_max).unwrap_or(usize::MAX));
+        let keep = log
+            .len()
+            .min(usize::try_from(bytes_max).unwrap_or(usize::MAX));
         Ok(log.split_off(log.len() - keep))
     }
 }
@@ -560,7 +604,11 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// The allocation an object of Gantry's belongs to, from its labels.
-fn unit_info<K: Resource>(object: &K, workload: Workload, node: Option<String>) -> Option<UnitInfo> {
+fn unit_info<K: Resource>(
+    object: &K,
+    workload: Workload,
+    node: Option<String>,
+) -> Option<UnitInfo> {
     let labels = object.meta().labels.as_ref()?;
     Some(UnitInfo {
         allocation_id: labels.get(LABEL_ALLOCATION)?.clone(),
@@ -579,7 +627,10 @@ fn pod_node(spec: &PodSpec) -> Option<String> {
     spec.affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
         .and_then(|selector| selector.node_selector_terms.first())
         .and_then(|term| term.match_fields.as_ref())
         .and_then(|fields| fields.iter().find(|f| f.key == "metadata.name"))
@@ -590,7 +641,11 @@ fn pod_node(spec: &PodSpec) -> Option<String> {
 /// How a Job ended, from its conditions; `None` while it has not.
 fn job_outcome(job: &Job) -> Option<super::Exit> {
     let conditions = job.status.as_ref()?.conditions.as_ref()?;
-    let holds = |kind: &str| conditions.iter().find(|c| c.type_ == kind && c.status == "True");
+    let holds = |kind: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == kind && c.status == "True")
+    };
     if holds("Complete").is_some() {
         return Some(super::Exit::Code(0));
     }
@@ -627,7 +682,11 @@ async fn ensure_namespace(client: &kube::Client, namespace: &str) -> Result<(), 
         }
         // Agents may be allowed into their namespace without reading namespaces.
         Err(e) if status_code(&e) == Some(403) => {
-            tracing::warn!(namespace, "cannot check that the namespace exists: {}", describe(&e));
+            tracing::warn!(
+                namespace,
+                "cannot check that the namespace exists: {}",
+                describe(&e)
+            );
             Ok(())
         }
         Err(e) => Err(api_error(format!("read the namespace {namespace}"), &e)),
@@ -674,7 +733,10 @@ async fn delete_job_service(
     job_id: &str,
 ) -> Result<(), kube::Error> {
     let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-    match api.delete(&job_service_name(job_id), &DeleteParams::default()).await {
+    match api
+        .delete(&job_service_name(job_id), &DeleteParams::default())
+        .await
+    {
         Err(e) if status_code(&e) == Some(404) => Ok(()),
         other => other.map(drop),
     }
@@ -748,9 +810,9 @@ async fn watch_loop<K>(
         while let Some(event) = stream.next().await {
             let change = match event {
                 Ok(WatchEvent::Added(object)) | Ok(WatchEvent::Modified(object)) => {
-                    Change::Applied(object)
+                    Change::Applied(Box::new(object))
                 }
-                Ok(WatchEvent::Deleted(object)) => Change::Deleted(object),
+                Ok(WatchEvent::Deleted(object)) => Change::Deleted(Box::new(object)),
                 Ok(WatchEvent::Bookmark(bookmark)) => {
                     version = bookmark.metadata.resource_version;
                     continue;
@@ -827,7 +889,7 @@ impl Driver {
                 self.capacity_dirty = true;
                 match change {
                     Change::Listed(nodes) => self.tracker.handle_nodes_listed(nodes, now_ms),
-                    Change::Applied(node) => self.tracker.handle_node(node, now_ms),
+                    Change::Applied(node) => self.tracker.handle_node(*node, now_ms),
                     Change::Deleted(node) => {
                         self.tracker.handle_node_deleted(&node.name_any(), now_ms)
                     }
@@ -837,14 +899,22 @@ impl Driver {
                 self.capacity_dirty = true;
                 let actions = match change {
                     Change::Listed(pods) => self.tracker.handle_pods_listed(pods, now_ms),
-                    Change::Applied(pod) => self.tracker.handle_pod(pod, now_ms),
-                    Change::Deleted(pod) => self.tracker.handle_pod_deleted(pod, now_ms),
+                    Change::Applied(pod) => self.tracker.handle_pod(*pod, now_ms),
+                    Change::Deleted(pod) => self.tracker.handle_pod_deleted(*pod, now_ms),
                 };
                 self.wake_stoppers();
                 actions
             }
             Input::Register { info, reply } => {
-                let _ = reply.send(self.tracker.register(info, now_ms));
+                let (registered, actions) = self.tracker.register(info, now_ms);
+                let _ = reply.send(registered);
+                actions
+            }
+            Input::IsWanted {
+                allocation_id,
+                reply,
+            } => {
+                let _ = reply.send(self.tracker.is_wanted(&allocation_id));
                 Vec::new()
             }
             Input::Unregister { allocation_id } => {
@@ -1040,7 +1110,10 @@ impl Drop for KubernetesRuntime {
 
 /// The cluster's schedulable nodes as the runtime would report them, listed once (for
 /// `gantry agent fingerprint`).
-pub async fn list_capacities(client: &kube::Client, namespace: &str) -> Result<Vec<NodeCapacity>, KubernetesError> {
+pub async fn list_capacities(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<NodeCapacity>, KubernetesError> {
     let (nodes, _) = list_all(&Api::<Node>::all(client.clone()), &ListParams::default())
         .await
         .map_err(|e| api_error("list the cluster's nodes", &e))?;

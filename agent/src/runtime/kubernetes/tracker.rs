@@ -57,7 +57,9 @@ pub enum Action {
         workload: Workload,
     },
     /// Delete the job's Service: no unit of the job is left here.
-    DeleteJobService { job_id: String },
+    DeleteJobService {
+        job_id: String,
+    },
 }
 
 /// A unit as `start` registers it or `recover` finds it.
@@ -82,8 +84,12 @@ pub struct Found {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PodState {
     /// Not running yet; `unschedulable` holds the scheduler's message while it cannot place it.
-    Pending { unschedulable: Option<String> },
-    Running { ready: bool },
+    Pending {
+        unschedulable: Option<String>,
+    },
+    Running {
+        ready: bool,
+    },
     /// It cannot run and never did (its image cannot be used, its container cannot be made).
     Refused(String),
     Ended(Exit),
@@ -188,11 +194,7 @@ impl Tracker {
             .filter(|(_, node)| unschedulable_reason(node).is_none())
             .take(NODES_MAX)
             .map(|(name, node)| {
-                capacity(
-                    name,
-                    node,
-                    self.used.get(name).copied().unwrap_or_default(),
-                )
+                capacity(name, node, self.used.get(name).copied().unwrap_or_default())
             })
             .collect()
     }
@@ -224,9 +226,42 @@ impl Tracker {
 
     // --- units: start, stop, recover ---
 
-    /// Registers a unit `start` is about to create. False when the allocation is known already
-    /// (an assignment delivered twice): nothing is to be created.
-    pub fn register(&mut self, info: UnitInfo, now_ms: u64) -> bool {
+    /// Registers a unit `start` is about to create; what its pods already show (a start that an
+    /// agent restart cut short left them) is taken in at once. False when the allocation is known
+    /// already (an assignment delivered twice): nothing is to be created.
+    pub fn register(&mut self, info: UnitInfo, now_ms: u64) -> (bool, Vec<Action>) {
+        let allocation_id = info.allocation_id.clone();
+        if !self.insert_unit(info, now_ms) {
+            return (false, Vec::new());
+        }
+        let actions = self
+            .pod_states(&allocation_id)
+            .into_iter()
+            .flat_map(|(_, state, image)| self.observe_unit(&allocation_id, state, image, now_ms))
+            .collect();
+        (true, actions)
+    }
+
+    /// Whether a unit that `start` just created is still wanted (no stop came in between).
+    pub fn is_wanted(&self, allocation_id: &str) -> bool {
+        self.units
+            .get(allocation_id)
+            .is_some_and(|unit| !unit.stopping)
+    }
+
+    fn pod_states(&self, allocation_id: &str) -> Vec<(String, PodState, Option<String>)> {
+        self.pods
+            .iter()
+            .filter_map(|((_, name), entry)| match &entry.unit {
+                Some((id, state, image)) if id == allocation_id => {
+                    Some((name.clone(), state.clone(), image.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn insert_unit(&mut self, info: UnitInfo, now_ms: u64) -> bool {
         if self.units.contains_key(&info.allocation_id) {
             return false;
         }
@@ -310,16 +345,7 @@ impl Tracker {
             {
                 continue;
             }
-            let states: Vec<(String, PodState, Option<String>)> = self
-                .pods
-                .iter()
-                .filter_map(|((_, name), entry)| match &entry.unit {
-                    Some((id, state, image)) if *id == allocation_id => {
-                        Some((name.clone(), state.clone(), image.clone()))
-                    }
-                    _ => None,
-                })
-                .collect();
+            let states = self.pod_states(&allocation_id);
             let alive = states.iter().any(|(_, state, _)| {
                 matches!(state, PodState::Pending { .. } | PodState::Running { .. })
             });
@@ -347,7 +373,7 @@ impl Tracker {
                 continue;
             }
             let image = states.iter().find_map(|(_, _, image)| image.clone());
-            self.register(info, now_ms);
+            self.insert_unit(info, now_ms);
             if let Some(unit) = self.units.get_mut(&allocation_id) {
                 unit.started = true;
             }
@@ -607,10 +633,7 @@ impl Tracker {
         if unit.stopping || unit.delete_at_ms.is_some() || !unit.pods.is_empty() {
             return Vec::new();
         }
-        let reason = format!(
-            "its pod {} was deleted, and not by Gantry",
-            key.1
-        );
+        let reason = format!("its pod {} was deleted, and not by Gantry", key.1);
         self.end_unit(&allocation_id, Exit::Lost(reason), true, now_ms)
     }
 
@@ -934,9 +957,7 @@ fn capacity(name: &str, node: &Node, used: Requests) -> NodeCapacity {
 /// `sha256:...`, without a runtime's `docker-pullable://` prefix).
 pub fn observe(pod: &Pod) -> (PodState, Option<String>) {
     let status = pod.status.as_ref();
-    let phase = status
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending");
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     let main = status
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|statuses| {
@@ -988,7 +1009,14 @@ pub fn observe(pod: &Pod) -> (PodState, Option<String>) {
                 .spec
                 .as_ref()
                 .and_then(|spec| spec.containers.first())
-                .and_then(|c| c.resources.as_ref()?.limits.as_ref()?.get("memory").cloned());
+                .and_then(|c| {
+                    c.resources
+                        .as_ref()?
+                        .limits
+                        .as_ref()?
+                        .get("memory")
+                        .cloned()
+                });
             let limit = limit.map_or_else(String::new, |q| format!(" of {}", q.0));
             return PodState::Ended(Exit::Failed {
                 exit_code: Some(if oom.exit_code == 0 {
@@ -1125,7 +1153,14 @@ mod tests {
     }
 
     fn ours(name: &str, allocation: &str, status: Value) -> Pod {
-        pod("gantry", name, Some(allocation), Some("node-a"), json!({}), status)
+        pod(
+            "gantry",
+            name,
+            Some(allocation),
+            Some("node-a"),
+            json!({}),
+            status,
+        )
     }
 
     fn running(ready: bool) -> Value {
@@ -1244,7 +1279,11 @@ mod tests {
             assert_eq!(state, expected, "{status}");
         }
         let (_, image) = observe(&ours("p", "a", running(true)));
-        assert_eq!(image.as_deref(), Some("img@sha256:abc"), "the runtime's prefix goes");
+        assert_eq!(
+            image.as_deref(),
+            Some("img@sha256:abc"),
+            "the runtime's prefix goes"
+        );
     }
 
     #[test]
@@ -1266,13 +1305,48 @@ mod tests {
         let other = json!({ "cpu": "1500m", "memory": "2Gi", "nvidia.com/gpu": "1" });
         let _ = tracker.handle_pods_listed(
             vec![
-                pod("ml", "other-1", None, Some("gpu-1"), other.clone(), json!({ "phase": "Running" })),
+                pod(
+                    "ml",
+                    "other-1",
+                    None,
+                    Some("gpu-1"),
+                    other.clone(),
+                    json!({ "phase": "Running" }),
+                ),
                 // Not counted: finished, not yet bound, or Gantry's own (the coordinator counts those).
-                pod("ml", "done", None, Some("gpu-1"), other.clone(), json!({ "phase": "Succeeded" })),
-                pod("ml", "unbound", None, None, other.clone(), json!({ "phase": "Pending" })),
-                pod("gantry", "mine", Some("j-1-0-1"), Some("gpu-1"), other.clone(), running(true)),
+                pod(
+                    "ml",
+                    "done",
+                    None,
+                    Some("gpu-1"),
+                    other.clone(),
+                    json!({ "phase": "Succeeded" }),
+                ),
+                pod(
+                    "ml",
+                    "unbound",
+                    None,
+                    None,
+                    other.clone(),
+                    json!({ "phase": "Pending" }),
+                ),
+                pod(
+                    "gantry",
+                    "mine",
+                    Some("j-1-0-1"),
+                    Some("gpu-1"),
+                    other.clone(),
+                    running(true),
+                ),
                 // Gantry's label in another namespace is someone else's work.
-                pod("elsewhere", "theirs", Some("j-9-0-1"), Some("cpu-1"), json!({ "cpu": "2" }), running(true)),
+                pod(
+                    "elsewhere",
+                    "theirs",
+                    Some("j-9-0-1"),
+                    Some("cpu-1"),
+                    json!({ "cpu": "2" }),
+                    running(true),
+                ),
             ],
             0,
         );
@@ -1301,7 +1375,14 @@ mod tests {
 
         // The other pod ends: its room comes back.
         let _ = tracker.handle_pod(
-            pod("ml", "other-1", None, Some("gpu-1"), other, json!({ "phase": "Failed" })),
+            pod(
+                "ml",
+                "other-1",
+                None,
+                Some("gpu-1"),
+                other,
+                json!({ "phase": "Failed" }),
+            ),
             1,
         );
         assert_eq!(tracker.capacities()[1].gpus.len(), 4);
@@ -1309,7 +1390,11 @@ mod tests {
 
         // GPUs without feature discovery labels are of an unknown model.
         let _ = tracker.handle_node(
-            node("gpu-2", json!({ "cpu": "8", "memory": "8Gi", "nvidia.com/gpu": "1" }), json!({})),
+            node(
+                "gpu-2",
+                json!({ "cpu": "8", "memory": "8Gi", "nvidia.com/gpu": "1" }),
+                json!({}),
+            ),
             2,
         );
         let unknown = &tracker.capacities()[2];
@@ -1329,7 +1414,10 @@ mod tests {
         };
         let cases = [
             (json!({}), None),
-            (json!({ "spec": { "unschedulable": true } }), Some("was cordoned")),
+            (
+                json!({ "spec": { "unschedulable": true } }),
+                Some("was cordoned"),
+            ),
             (
                 json!({ "status": { "conditions": [{ "type": "Ready", "status": "False", "reason": "KubeletNotReady" }] } }),
                 Some("is not Ready (KubeletNotReady)"),
@@ -1338,8 +1426,14 @@ mod tests {
                 json!({ "spec": { "taints": [{ "key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule" }] } }),
                 Some("is tainted node-role.kubernetes.io/control-plane:NoSchedule"),
             ),
-            (json!({ "spec": { "taints": [{ "key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule" }] } }), None),
-            (json!({ "spec": { "taints": [{ "key": "spot", "effect": "PreferNoSchedule" }] } }), None),
+            (
+                json!({ "spec": { "taints": [{ "key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule" }] } }),
+                None,
+            ),
+            (
+                json!({ "spec": { "taints": [{ "key": "spot", "effect": "PreferNoSchedule" }] } }),
+                None,
+            ),
         ];
         for (patch, expected) in cases {
             assert_eq!(
@@ -1401,23 +1495,63 @@ mod tests {
     #[test]
     fn a_shard_runs_ends_and_is_kept_for_its_logs() {
         let mut tracker = tracker_with_node_a();
-        assert!(tracker.register(info("s", Workload::Job), 0));
-        assert!(!tracker.register(info("s", Workload::Job), 1), "a second start is a no-op");
-        assert_eq!(tracker.handle_pod(ours("s-x", "s", json!({ "phase": "Pending" })), 10), []);
-        assert_eq!(tracker.handle_pod(ours("s-x", "s", running(false)), 20), [started("s")]);
+        assert_eq!(
+            tracker.register(info("s", Workload::Job), 0),
+            (true, vec![])
+        );
+        assert_eq!(
+            tracker.register(info("s", Workload::Job), 1),
+            (false, vec![]),
+            "a second start is a no-op"
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("s-x", "s", json!({ "phase": "Pending" })), 10),
+            []
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("s-x", "s", running(false)), 20),
+            [started("s")]
+        );
         assert_eq!(tracker.running(), ["s"]);
         assert_eq!(
-            tracker.handle_pod(ours("s-x", "s", terminated("Succeeded", 0, "Completed")), 30),
+            tracker.handle_pod(
+                ours("s-x", "s", terminated("Succeeded", 0, "Completed")),
+                30
+            ),
             [exited("s", Exit::Code(0))]
         );
         assert!(tracker.running().is_empty());
-        assert_eq!(tracker.poll(30 + 10 * MINUTE_MS - 1), [], "kept for its logs");
-        assert_eq!(tracker.poll(30 + 10 * MINUTE_MS), [delete("s", Workload::Job)]);
+        assert_eq!(
+            tracker.poll(30 + 10 * MINUTE_MS - 1),
+            [],
+            "kept for its logs"
+        );
+        assert_eq!(
+            tracker.poll(30 + 10 * MINUTE_MS),
+            [delete("s", Workload::Job)]
+        );
         assert_eq!(
             tracker.handle_pod_deleted(ours("s-x", "s", terminated("Succeeded", 0, "")), 40),
             [],
             "its own deletion is no news"
         );
+    }
+
+    #[test]
+    fn a_unit_registered_again_takes_in_what_its_pods_show() {
+        let mut tracker = tracker_with_node_a();
+        // A start cut short by an agent restart left a pod that has ended since.
+        let _ = tracker.handle_pod(ours("s-x", "s", terminated("Succeeded", 0, "")), 1);
+        assert_eq!(
+            tracker.register(info("s", Workload::Job), 2),
+            (true, vec![started("s"), exited("s", Exit::Code(0))])
+        );
+        // A stop while the objects are being created: the start must not leave them running.
+        tracker.register(info("t", Workload::Pod), 3);
+        assert!(tracker.is_wanted("t"));
+        tracker.begin_stop("t");
+        assert!(!tracker.is_wanted("t"));
+        assert!(!tracker.is_wanted("unknown"));
     }
 
     #[test]
@@ -1432,18 +1566,33 @@ mod tests {
 
     #[test]
     fn failures_the_pod_shows_end_the_unit_and_delete_it() {
-        let image = failed(None, "the image img:1 cannot be used (ErrImageNeverPull): absent");
+        let image = failed(
+            None,
+            "the image img:1 cannot be used (ErrImageNeverPull): absent",
+        );
         let cases = [
-            (waiting("ErrImageNeverPull", "absent"), vec![exited("s", image), delete("s", Workload::Job)]),
+            (
+                waiting("ErrImageNeverPull", "absent"),
+                vec![exited("s", image), delete("s", Workload::Job)],
+            ),
             (
                 json!({ "phase": "Failed", "reason": "Evicted", "message": "low on memory" }),
-                vec![exited("s", failed(None, "evicted by Kubernetes: low on memory"))],
+                vec![exited(
+                    "s",
+                    failed(None, "evicted by Kubernetes: low on memory"),
+                )],
             ),
             (
                 terminated("Failed", 137, "OOMKilled"),
                 vec![
                     started("s"),
-                    exited("s", failed(Some(137), "killed for using more than its memory limit of 1Gi (OOMKilled)")),
+                    exited(
+                        "s",
+                        failed(
+                            Some(137),
+                            "killed for using more than its memory limit of 1Gi (OOMKilled)",
+                        ),
+                    ),
                 ],
             ),
         ];
@@ -1452,7 +1601,8 @@ mod tests {
             tracker.register(info("s", Workload::Job), 0);
             let mut pod = ours("s-x", "s", status.clone());
             if let Some(spec) = pod.spec.as_mut() {
-                spec.containers[0].resources = serde_json::from_value(json!({ "limits": { "memory": "1Gi" } })).unwrap();
+                spec.containers[0].resources =
+                    serde_json::from_value(json!({ "limits": { "memory": "1Gi" } })).unwrap();
             }
             assert_eq!(tracker.handle_pod(pod, 1), expected, "{status}");
         }
@@ -1463,13 +1613,22 @@ mod tests {
         let mut tracker = tracker_with_node_a();
         tracker.register(info("w", Workload::Pod), 0);
         let message = "0/2 nodes are available: 1 Insufficient nvidia.com/gpu.";
-        assert_eq!(tracker.handle_pod(ours("w", "w", unschedulable(message)), 1_000), []);
-        assert_eq!(tracker.handle_pod(ours("w", "w", unschedulable(message)), 20_000), []);
+        assert_eq!(
+            tracker.handle_pod(ours("w", "w", unschedulable(message)), 1_000),
+            []
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("w", "w", unschedulable(message)), 20_000),
+            []
+        );
         assert_eq!(tracker.poll(30_999), []);
         let reason = format!("Kubernetes cannot schedule it on node node-a: {message}");
         assert_eq!(
             tracker.poll(31_000),
-            [exited("w", failed(None, &reason)), delete("w", Workload::Pod)]
+            [
+                exited("w", failed(None, &reason)),
+                delete("w", Workload::Pod)
+            ]
         );
     }
 
@@ -1481,7 +1640,10 @@ mod tests {
         assert_eq!(
             tracker.poll(60_000),
             [
-                exited("s", failed(None, "no pod appeared for Job gantry-s within 60 s")),
+                exited(
+                    "s",
+                    failed(None, "no pod appeared for Job gantry-s within 60 s")
+                ),
                 delete("s", Workload::Job)
             ]
         );
@@ -1501,19 +1663,28 @@ mod tests {
         assert_eq!(
             tracker.handle_pod_deleted(ours("a", "a", running(false)), 2),
             [
-                exited("a", Exit::Lost("its pod a was deleted, and not by Gantry".into())),
+                exited(
+                    "a",
+                    Exit::Lost("its pod a was deleted, and not by Gantry".into())
+                ),
                 delete("a", Workload::Pod)
             ]
         );
         assert_eq!(
             tracker.handle_node_deleted("node-a", 3),
-            [exited("b", Exit::Lost("node node-a left the cluster".into())), delete("b", Workload::Job)]
+            [
+                exited("b", Exit::Lost("node node-a left the cluster".into())),
+                delete("b", Workload::Job)
+            ]
         );
         let mut cordoned = serde_json::to_value(plain_node("node-b")).unwrap();
         cordoned["spec"] = json!({ "unschedulable": true });
         assert_eq!(
             tracker.handle_node(serde_json::from_value(cordoned).unwrap(), 4),
-            [exited("c", Exit::Lost("node node-b was cordoned".into())), delete("c", Workload::Job)]
+            [
+                exited("c", Exit::Lost("node node-b was cordoned".into())),
+                delete("c", Workload::Job)
+            ]
         );
         assert!(tracker.capacities().is_empty());
     }
@@ -1527,7 +1698,11 @@ mod tests {
         assert_eq!(plan.workload, Workload::Deployment);
         assert!(!plan.already_ended);
         assert!(!tracker.is_gone("r"));
-        assert_eq!(tracker.handle_pod_deleted(ours("r-1", "r", running(false)), 2), [], "no Lost, no Health");
+        assert_eq!(
+            tracker.handle_pod_deleted(ours("r-1", "r", running(false)), 2),
+            [],
+            "no Lost, no Health"
+        );
         assert!(tracker.is_gone("r"));
         assert_eq!(tracker.finish_stop("r", 3), [exited("r", Exit::Stopped)]);
         assert!(tracker.running().is_empty());
@@ -1539,7 +1714,9 @@ mod tests {
         assert_eq!(tracker.finish_stop("r2", 20), [exited("r2", Exit::Stopped)]);
         assert_eq!(
             tracker.poll(20 + MINUTE_MS),
-            [Action::DeleteJobService { job_id: "j-1".into() }]
+            [Action::DeleteJobService {
+                job_id: "j-1".into()
+            }]
         );
         assert!(tracker.begin_stop("unknown").is_none());
     }
@@ -1554,15 +1731,30 @@ mod tests {
         };
         let mut tracker = tracker_with_node_a();
         tracker.register(info("r", Workload::Deployment), 0);
-        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(false)), 1_000), [started("r")]);
-        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(true)), 2_000), [health(true)]);
-        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(true)), 3_000), []);
-        assert_eq!(tracker.handle_pod(ours("r-1", "r", running(false)), 4_000), [health(false)]);
+        assert_eq!(
+            tracker.handle_pod(ours("r-1", "r", running(false)), 1_000),
+            [started("r")]
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("r-1", "r", running(true)), 2_000),
+            [health(true)]
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("r-1", "r", running(true)), 3_000),
+            []
+        );
+        assert_eq!(
+            tracker.handle_pod(ours("r-1", "r", running(false)), 4_000),
+            [health(false)]
+        );
         assert_eq!(tracker.poll(63_999), []);
         assert_eq!(
             tracker.poll(64_000),
             [
-                exited("r", failed(None, "its readiness probe has not passed for 60 s")),
+                exited(
+                    "r",
+                    failed(None, "its readiness probe has not passed for 60 s")
+                ),
                 delete("r", Workload::Deployment)
             ]
         );
@@ -1579,7 +1771,10 @@ mod tests {
         });
         assert_eq!(
             tracker.handle_pod(ours("r-1", "r", restarted), 2),
-            [exited("r", Exit::Code(1)), delete("r", Workload::Deployment)],
+            [
+                exited("r", Exit::Code(1)),
+                delete("r", Workload::Deployment)
+            ],
             "a Deployment would restart it: the replica ended, at once"
         );
     }
@@ -1616,7 +1811,12 @@ mod tests {
         assert_eq!(
             recovered,
             [
-                ("run".to_string(), Recovered::Running { image: image.clone() }),
+                (
+                    "run".to_string(),
+                    Recovered::Running {
+                        image: image.clone()
+                    }
+                ),
                 ("done".to_string(), Recovered::Ended(Exit::Code(0))),
                 ("serve".to_string(), Recovered::Running { image }),
                 ("old".to_string(), Recovered::Ended(Exit::Code(0))),
@@ -1632,7 +1832,9 @@ mod tests {
                     healthy: true
                 }),
                 delete("old", Workload::Job),
-                Action::DeleteJobService { job_id: "j-gone".into() },
+                Action::DeleteJobService {
+                    job_id: "j-gone".into()
+                },
             ]
         );
         assert_eq!(tracker.running(), ["new", "run", "serve"]);
