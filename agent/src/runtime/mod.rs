@@ -203,6 +203,8 @@ pub trait Runtime: Send + Sync {
         bytes: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
 
-    /// Stops everything (the agent is exiting): nothing may outlive the agent.
+    /// The agent is exiting. A runtime whose units cannot outlive the agent stops them all (the
+    /// process runtime); one whose work lives on outside the agent stops watching it and leaves
+    /// it for [`Runtime::recover`] to adopt (Kubernetes).
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
 }
