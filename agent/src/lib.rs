@@ -16,7 +16,7 @@ pub mod supervisor;
 use anyhow::{bail, Context, Result};
 use config::AgentConfig;
 use credentials::{now_unix_s, AgentCredentials};
-use gantry_protocol::{Register, RuntimeReport};
+use gantry_protocol::{NodeCapacity, Register, RuntimeKind, RuntimeReport};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,13 +65,31 @@ pub async fn fingerprint(config: &AgentConfig, data_dir: &std::path::Path) -> Re
             Vec::new()
         }
     };
-    register_message(config, data_dir, &runtimes)
+    let cluster_nodes = if runtimes.iter().any(|r| r.kind == RuntimeKind::Kubernetes) {
+        let listed = async {
+            let client = runtime::kubernetes::infer_client().await?;
+            runtime::kubernetes::list_capacities(&client, &config.kubernetes_namespace).await
+        };
+        match listed.await {
+            Ok(nodes) => Some(nodes),
+            Err(e) => {
+                tracing::warn!("cannot list the cluster's nodes: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    register_message(config, data_dir, &runtimes, cluster_nodes)
 }
 
+/// What the agent registers with. `cluster_nodes`: a Kubernetes agent reports the cluster's
+/// nodes instead of its own host.
 fn register_message(
     config: &AgentConfig,
     data_dir: &std::path::Path,
     runtimes: &[RuntimeReport],
+    cluster_nodes: Option<Vec<NodeCapacity>>,
 ) -> Register {
     Register {
         name: agent_name(config),
@@ -82,7 +100,7 @@ fn register_message(
         cost_per_cpu_hour: config.cost_per_cpu_hour,
         labels: config.labels.clone(),
         runtimes: runtimes.to_vec(),
-        nodes: vec![fingerprint::local_node(config, data_dir)],
+        nodes: cluster_nodes.unwrap_or_else(|| vec![fingerprint::local_node(config, data_dir)]),
         serving_ports: (config.serving_port_min, config.serving_port_max),
     }
 }
@@ -145,41 +163,59 @@ pub async fn run(
     let mut selection = runtimes::select(&options.config)
         .await
         .map_err(anyhow::Error::msg)?;
-    if selection
-        .container
-        .as_ref()
-        .is_some_and(|c| c.kind == gantry_protocol::RuntimeKind::Kubernetes)
-    {
-        selection.container = None;
-        tracing::warn!(
-            runtime = "kubernetes",
-            "selected, but this build has no Kubernetes runtime; jobs that name an image will not be placed here"
-        );
-    }
-    let runtimes: Vec<RuntimeReport> = selection.reports();
     let work_root = options.data_dir.join("allocations");
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("create {}", work_root.display()))?;
     let (events_tx, runtime_events) = tokio::sync::mpsc::unbounded_channel();
-    let container: Option<std::sync::Arc<dyn runtime::Runtime>> = match &selection.container {
-        Some(report) if report.kind == gantry_protocol::RuntimeKind::Docker => {
-            // It answered the probe a moment ago; a failure now is not one to retry.
-            let docker = runtime::docker::connect()
+    let mut cluster_nodes = None;
+    let container: Option<std::sync::Arc<dyn runtime::Runtime>> =
+        match selection.container.as_ref().map(|report| report.kind) {
+            Some(RuntimeKind::Kubernetes) => {
+                if selection.process.take().is_some() {
+                    // The nodes reported are the cluster's: a process placed on one would run
+                    // on this host instead.
+                    tracing::warn!(
+                        "allow_process is ignored: this agent reports a Kubernetes cluster's nodes"
+                    );
+                }
+                let client = runtime::kubernetes::infer_client()
+                    .await
+                    .context("connect to the Kubernetes cluster")?;
+                let config = runtime::RuntimeConfig {
+                    work_root: work_root.clone(),
+                    log_bytes_max: LOG_BYTES_MAX,
+                };
+                let (kubernetes, nodes) = runtime::kubernetes::KubernetesRuntime::new(
+                    client,
+                    options.config.kubernetes_namespace.clone(),
+                    config,
+                    events_tx.clone(),
+                )
                 .await
-                .map_err(anyhow::Error::msg)
-                .context("connect to the Docker daemon")?;
-            let config = runtime::RuntimeConfig {
-                work_root: work_root.clone(),
-                log_bytes_max: LOG_BYTES_MAX,
-            };
-            Some(std::sync::Arc::new(runtime::docker::DockerRuntime::new(
-                docker,
-                config,
-                events_tx.clone(),
-            )))
-        }
-        _ => None,
-    };
+                .context("start the Kubernetes runtime")?;
+                cluster_nodes = Some(nodes);
+                Some(std::sync::Arc::new(kubernetes))
+            }
+            Some(RuntimeKind::Docker) => {
+                // It answered the probe a moment ago; a failure now is not one to retry.
+                let docker = runtime::docker::connect()
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("connect to the Docker daemon")?;
+                let config = runtime::RuntimeConfig {
+                    work_root: work_root.clone(),
+                    log_bytes_max: LOG_BYTES_MAX,
+                };
+                Some(std::sync::Arc::new(runtime::docker::DockerRuntime::new(
+                    docker,
+                    config,
+                    events_tx.clone(),
+                )))
+            }
+            Some(RuntimeKind::Process) => None,
+            None => None,
+        };
+    let runtimes: Vec<RuntimeReport> = selection.reports();
     let process: Option<std::sync::Arc<dyn runtime::Runtime>> =
         selection.process.is_some().then(|| {
             let config = runtime::RuntimeConfig {
@@ -220,7 +256,7 @@ pub async fn run(
         runtime_events,
         reports,
         undelivered: Default::default(),
-        nodes: None,
+        nodes: cluster_nodes.clone(),
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -237,7 +273,10 @@ pub async fn run(
             backoff_max: options.backoff_max,
         },
         credentials,
-        Box::new(move || register_message(&config, &data_dir, &runtimes)),
+        Box::new(move || {
+            let nodes = cluster_nodes.as_ref().map(|nodes| nodes.borrow().clone());
+            register_message(&config, &data_dir, &runtimes, nodes)
+        }),
         work,
     );
     let outcome = session.run(shutdown_rx).await;

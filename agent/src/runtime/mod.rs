@@ -5,6 +5,7 @@
 //! told to, and it can list what it is running so a restarted agent can reconcile.
 
 pub mod docker;
+pub mod kubernetes;
 pub(crate) mod logs;
 pub mod process;
 
