@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod output;
+mod render;
 mod templates;
 mod workloads;
 
@@ -146,6 +147,21 @@ enum Command {
         command: ClusterCommand,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Print what a runtime would create for each unit of a job file, without running anything.
+    Render {
+        /// The job spec (.yaml, .yml, .toml or .json).
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        runtime: render::Target,
+        /// The Kubernetes namespace the agent is configured with.
+        #[arg(long, default_value = "gantry")]
+        namespace: String,
+        /// The Docker agent's allocations directory (its data dir + `/allocations`).
+        #[arg(long, default_value = "/var/lib/gantry/agent/allocations")]
+        work_root: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
     },
     /// Container images on this host's Docker daemon (for an agent with the Docker runtime).
     Images {
@@ -373,6 +389,15 @@ async fn main() {
         Command::Coordinator(_) | Command::Agent(AgentArgs { command: None, .. })
     );
     init_tracing(if daemon { "info" } else { "warn" });
+    let long_running = daemon || matches!(cli.command, Command::Demo { .. } | Command::Workload(_));
+    if !long_running {
+        // A command whose output goes to `head` ends quietly when the reader goes away, as
+        // other command-line tools do; servers keep Rust's default (SIGPIPE ignored).
+        // SAFETY: setting a signal's disposition to the default touches no Rust state.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(error) = dispatch(cli).await {
         eprintln!("error: {error:#}");
         std::process::exit(output::exit_code_for(&error));
@@ -417,6 +442,27 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Images {
             command: ImagesCommand::Load { file },
         } => load_images(&file).await,
+        Command::Render {
+            file,
+            runtime,
+            namespace,
+            work_root,
+            output,
+        } => {
+            let spec = read_job_file(&file)?;
+            let documents = render::render(&spec, runtime, &namespace, &work_root)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            match output {
+                // Several YAML documents, as `kubectl apply -f` takes them.
+                Output::Yaml | Output::Table => {
+                    for document in &documents {
+                        print!("---\n{}", serde_yaml_ng::to_string(document)?);
+                    }
+                    Ok(())
+                }
+                Output::Json => output::emit(output, &documents, |_| {}),
+            }
+        }
     }
 }
 
