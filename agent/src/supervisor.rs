@@ -93,6 +93,9 @@ pub struct Supervisor {
     /// Serving replicas' health checks: the port and path, and the task once it runs.
     health: BTreeMap<String, (u16, String)>,
     health_tasks: BTreeMap<String, tokio::task::JoinHandle<()>>,
+    /// Whether each checked replica passes its health check now, so that a new session hears
+    /// `Healthy` rather than a bare `Running` for it.
+    healthy: BTreeMap<String, Arc<std::sync::atomic::AtomicBool>>,
     /// Reports waiting for a session to carry them.
     reports: mpsc::UnboundedSender<AllocationStateReport>,
 }
@@ -225,6 +228,7 @@ impl Supervisor {
             outputs: BTreeMap::new(),
             health: BTreeMap::new(),
             health_tasks: BTreeMap::new(),
+            healthy: BTreeMap::new(),
             reports,
         }
     }
@@ -342,7 +346,16 @@ impl Supervisor {
     pub async fn report_running(&self) {
         for runtime in self.runtimes.all() {
             for allocation_id in runtime.running().await {
-                self.report(&allocation_id, AllocationPhase::Running);
+                let healthy = self
+                    .healthy
+                    .get(&allocation_id)
+                    .is_some_and(|h| h.load(std::sync::atomic::Ordering::SeqCst));
+                let phase = if healthy {
+                    AllocationPhase::Healthy
+                } else {
+                    AllocationPhase::Running
+                };
+                self.report(&allocation_id, phase);
             }
         }
     }
@@ -485,6 +498,11 @@ impl Supervisor {
                         path,
                         reports: self.reports.clone(),
                         runtime,
+                        healthy: self
+                            .healthy
+                            .entry(allocation_id.clone())
+                            .or_default()
+                            .clone(),
                     };
                     self.health_tasks
                         .insert(allocation_id, tokio::spawn(check.run()));
@@ -494,6 +512,10 @@ impl Supervisor {
                 allocation_id,
                 healthy,
             } => {
+                self.healthy
+                    .entry(allocation_id.clone())
+                    .or_default()
+                    .store(healthy, std::sync::atomic::Ordering::SeqCst);
                 let phase = if healthy {
                     AllocationPhase::Healthy
                 } else {
@@ -508,6 +530,7 @@ impl Supervisor {
                 if let Some(task) = self.health_tasks.remove(&allocation_id) {
                     task.abort();
                 }
+                self.healthy.remove(&allocation_id);
                 self.health.remove(&allocation_id);
                 self.owner.remove(&allocation_id);
                 self.report_exit(&allocation_id, exit);
@@ -552,6 +575,8 @@ struct HealthCheck {
     path: String,
     reports: mpsc::UnboundedSender<AllocationStateReport>,
     runtime: Arc<dyn Runtime>,
+    /// Shared with the supervisor: whether the last checks passed.
+    healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HealthCheck {
@@ -581,6 +606,8 @@ impl HealthCheck {
                     failures = 0;
                     if !healthy {
                         healthy = true;
+                        self.healthy
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                         self.report(AllocationPhase::Healthy);
                     }
                     continue;
@@ -594,6 +621,8 @@ impl HealthCheck {
             }
             failures += 1;
             if healthy && failures == 1 {
+                self.healthy
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 self.report(AllocationPhase::Running);
             }
             let reason = if healthy && failures >= HEALTH_FAILURES_MAX {
@@ -648,4 +677,135 @@ async fn http_get_status(port: u16, path: &str) -> std::io::Result<u16> {
     tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .map_err(|_| std::io::Error::other("timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::process::ProcessRuntime;
+    use crate::runtime::RuntimeConfig;
+
+    struct Harness {
+        supervisor: Supervisor,
+        events: mpsc::UnboundedReceiver<RuntimeEvent>,
+        reports: mpsc::UnboundedReceiver<AllocationStateReport>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let config = RuntimeConfig {
+            work_root: dir.path().to_path_buf(),
+            log_bytes_max: 1 << 20,
+        };
+        let process: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(config, events_tx));
+        let runtimes = Runtimes {
+            container: None,
+            process: Some(process),
+            allow_pull: false,
+        };
+        Harness {
+            supervisor: Supervisor::new(runtimes, dir.path().to_path_buf(), Vec::new(), reports_tx),
+            events,
+            reports,
+            _dir: dir,
+        }
+    }
+
+    fn assign(id: &str, spec: serde_json::Value, inputs: Vec<ArtifactFile>) -> Assign {
+        let spec = gantry_protocol::jobspec::from_json_value(spec).unwrap();
+        Assign {
+            allocation_id: id.into(),
+            fencing: FencingToken { term: 1, index: 1 },
+            job_id: "job".into(),
+            node: "node".into(),
+            spec_json: spec.canonical_json(),
+            env: BTreeMap::new(),
+            gpus: Vec::new(),
+            inputs,
+        }
+    }
+
+    impl Harness {
+        async fn next_report(&mut self) -> AllocationStateReport {
+            loop {
+                tokio::select! {
+                    Some(event) = self.events.recv() => self.supervisor.handle_runtime_event(event),
+                    Some(report) = self.reports.recv() => return report,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("no report in 10 s"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_healthy_replica_is_reported_healthy_to_a_new_session() {
+        let mut h = harness();
+        let spec = serde_json::json!({ "name": "web", "kind": "batch", "command": ["sleep", "5"] });
+        h.supervisor.handle_assign(assign("a-1", spec, Vec::new()));
+        assert_eq!(h.next_report().await.phase, AllocationPhase::Running);
+        h.supervisor.handle_runtime_event(RuntimeEvent::Health {
+            allocation_id: "a-1".into(),
+            healthy: true,
+        });
+        assert_eq!(h.next_report().await.phase, AllocationPhase::Healthy);
+        h.supervisor.report_running().await;
+        assert_eq!(
+            h.next_report().await.phase,
+            AllocationPhase::Healthy,
+            "not demoted"
+        );
+        h.supervisor.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn inputs_are_placed_and_declared_outputs_travel_with_success() {
+        let mut h = harness();
+        let model = b"{\"w\":[1]}".to_vec();
+        let input = ArtifactFile {
+            name: "model.json".into(),
+            sha256: sha256_hex(&model),
+            data: model.clone(),
+        };
+        let spec = serde_json::json!({
+            "name": "copy", "kind": "batch",
+            "command": ["sh", "-c", "cp \"$GANTRY_INPUT_DIR/model.json\" \"$GANTRY_OUTPUT_DIR/copy.json\" && echo 1 > \"$GANTRY_OUTPUT_DIR/part-1.txt\" && echo x > \"$GANTRY_OUTPUT_DIR/ignored.bin\""],
+            "outputs": ["copy.json", "part-*.txt"],
+        });
+        h.supervisor
+            .handle_assign(assign("a-1", spec, vec![input.clone()]));
+        assert_eq!(h.next_report().await.phase, AllocationPhase::Running);
+        let done = h.next_report().await;
+        assert_eq!(done.phase, AllocationPhase::Succeeded, "{done:?}");
+        let names: Vec<&str> = done.artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["copy.json", "part-1.txt"]);
+        assert_eq!(done.artifacts[0].data, model);
+        assert_eq!(done.artifacts[0].sha256, input.sha256);
+
+        // A damaged input is refused before anything runs.
+        let mut damaged = input;
+        damaged.data.push(b'!');
+        let spec = serde_json::json!({ "name": "copy", "kind": "batch", "command": ["true"] });
+        h.supervisor
+            .handle_assign(assign("a-2", spec, vec![damaged]));
+        match h.next_report().await.phase {
+            AllocationPhase::Failed { reason, .. } => {
+                assert!(reason.contains("damaged"), "{reason}")
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+
+        // A declared output that was not written fails the unit, naming it.
+        let spec = serde_json::json!({ "name": "lazy", "kind": "batch", "command": ["true"], "outputs": ["model.json"] });
+        h.supervisor.handle_assign(assign("a-3", spec, Vec::new()));
+        assert_eq!(h.next_report().await.phase, AllocationPhase::Running);
+        match h.next_report().await.phase {
+            AllocationPhase::Failed { reason, .. } => {
+                assert!(reason.contains("\"model.json\""), "{reason}")
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
 }
