@@ -14,7 +14,8 @@
 use crate::runtime::{Exit, GpuAssignment, Recovered, Runtime, RuntimeEvent, UnitSpec};
 use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::{
-    AllocationPhase, AllocationStateReport, Assign, FencingToken, Gpu, RuntimeKind, Stop,
+    AllocationPhase, AllocationStateReport, Assign, FencingToken, FetchLogs, Gpu, LogSlice,
+    LogStream, LogsError, LogsReply, RuntimeKind, Stop, LOG_SLICE_BYTES_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,6 +27,8 @@ use tokio::sync::mpsc;
 const ASSIGNMENT_FILE: &str = "assignment.json";
 /// Written when an allocation's final state has been reported: a restart does not report it again.
 const ENDED_FILE: &str = "ended";
+/// Log reads running at once; more are refused (the coordinator bounds its requests too).
+pub const LOG_READS_MAX: usize = 8;
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -86,6 +89,7 @@ pub struct Supervisor {
     health_tasks: BTreeMap<String, tokio::task::JoinHandle<()>>,
     /// Reports waiting for a session to carry them.
     reports: mpsc::UnboundedSender<AllocationStateReport>,
+    log_reads: Arc<tokio::sync::Semaphore>,
 }
 
 fn failed(reason: String) -> AllocationPhase {
@@ -137,6 +141,7 @@ impl Supervisor {
             health: BTreeMap::new(),
             health_tasks: BTreeMap::new(),
             reports,
+            log_reads: Arc::new(tokio::sync::Semaphore::new(LOG_READS_MAX)),
         }
     }
 
@@ -401,11 +406,100 @@ impl Supervisor {
         }
     }
 
+    /// The runtime that holds an allocation's output: the one running it, else the one its
+    /// assignment record names (the output stays after the end, and across agent restarts).
+    fn log_holder(&self, allocation_id: &str) -> Option<Arc<dyn Runtime>> {
+        if let Some(runtime) = self.owner.get(allocation_id) {
+            return Some(runtime.clone());
+        }
+        let dir = self.work_root.join(allocation_id);
+        let kind = read_record(&dir).map(|record| record.runtime);
+        self.runtimes
+            .all()
+            .find(|runtime| Some(runtime.kind()) == kind)
+            .cloned()
+    }
+
+    /// Reads what the coordinator asked for; the future owns what it needs, so the session can
+    /// run it on a task of its own and go on serving.
+    pub fn fetch_logs(
+        &self,
+        fetch: FetchLogs,
+    ) -> impl std::future::Future<Output = LogsReply> + Send + 'static {
+        let holder = if is_allocation_id(&fetch.allocation_id) {
+            self.log_holder(&fetch.allocation_id)
+        } else {
+            None
+        };
+        let permit = self.log_reads.clone().try_acquire_owned();
+        async move {
+            let result = match (holder, permit) {
+                (None, _) => Err(LogsError::NotFound(format!(
+                    "this agent holds no output of allocation {}",
+                    fetch.allocation_id
+                ))),
+                (Some(_), Err(_)) => Err(LogsError::Failed(format!(
+                    "this agent is already reading {LOG_READS_MAX} logs; retry"
+                ))),
+                (Some(runtime), Ok(_permit)) => read_slice(runtime.as_ref(), &fetch).await,
+            };
+            LogsReply {
+                request_id: fetch.request_id,
+                result,
+            }
+        }
+    }
+
     pub async fn shutdown(&self, grace: Duration) {
         let stops = self.runtimes.all().map(|runtime| runtime.shutdown(grace));
         for stop in stops {
             stop.await;
         }
+    }
+}
+
+/// Allocation ids name directories: no separators, never `.` or `..`.
+fn is_allocation_id(allocation_id: &str) -> bool {
+    !allocation_id.is_empty()
+        && allocation_id != "."
+        && allocation_id != ".."
+        && allocation_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One slice of an allocation's output. Whether the unit runs is asked before reading, so a
+/// slice marked `ended` can miss nothing the unit wrote.
+async fn read_slice(runtime: &dyn Runtime, fetch: &FetchLogs) -> Result<LogSlice, LogsError> {
+    let running = runtime.running().await.contains(&fetch.allocation_id);
+    let max_bytes = fetch.max_bytes.min(LOG_SLICE_BYTES_MAX);
+    let stderr = fetch.stream == LogStream::Stderr;
+    match runtime
+        .logs_from(
+            &fetch.allocation_id,
+            stderr,
+            fetch.offset,
+            u64::from(max_bytes),
+        )
+        .await
+    {
+        Ok(read) => {
+            let next_offset = read.offset + read.data.len() as u64;
+            Ok(LogSlice {
+                ended: !running && next_offset >= read.end_offset,
+                offset: read.offset,
+                data: read.data,
+                end_offset: read.end_offset,
+            })
+        }
+        Err(crate::runtime::RuntimeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(LogsError::NotFound(e.to_string()))
+        }
+        Err(e) => Err(LogsError::Failed(format!(
+            "reading the {} of {}: {e}",
+            fetch.stream.as_str(),
+            fetch.allocation_id
+        ))),
     }
 }
 

@@ -24,9 +24,15 @@
 //! directory. When a file reaches `log_bytes_max` it is renamed to `<name>.1` (replacing the
 //! previous `.1`) and a new file is started, so each stream holds at most `2 * log_bytes_max`
 //! bytes on disk and always its newest `log_bytes_max` bytes (all of it when it wrote less).
+//! `<name>.base` holds the offset of the first byte of `<name>` within the whole stream (absent:
+//! 0), so that offsets stay stable across rotations: `<name>.1` holds the bytes just before it.
+//! Rotation and reads take a lock of the runtime's, so a read never sees a rotation half done.
+//! (A crash in the middle of a rotation can leave the offsets of that allocation's older file
+//! off by its length; the bytes themselves are kept.)
 
 use super::{
-    BoxFuture, Exit, GpuAssignment, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, UnitSpec,
+    BoxFuture, Exit, GpuAssignment, LogRead, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent,
+    UnitSpec,
 };
 use gantry_protocol::RuntimeKind;
 use std::collections::BTreeMap;
@@ -39,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, RwLock};
 use tokio::task::JoinHandle;
 
 /// The agent variables a unit inherits; everything else of the agent's environment is withheld.
@@ -54,6 +60,8 @@ pub const STDOUT_LOG: &str = "stdout.log";
 pub const STDERR_LOG: &str = "stderr.log";
 /// Appended to a log's name for the one older file kept.
 const ROTATED_SUFFIX: &str = ".1";
+/// Appended to a log's name for the file holding its offset within the stream.
+const BASE_SUFFIX: &str = ".base";
 
 /// Longest allocation id accepted (it names a directory; 255 bytes is the usual file-name limit).
 const ALLOCATION_ID_BYTES_MAX: usize = 255;
@@ -93,6 +101,9 @@ struct Inner {
     /// and `stop`, `running` and `shutdown` never see a half-started unit.
     units: Mutex<BTreeMap<String, UnitHandle>>,
     shutting_down: AtomicBool,
+    /// Held for writing while a log rotates (rare: once per `log_bytes_max` of output), for
+    /// reading while logs are read.
+    log_rotation: Arc<RwLock<()>>,
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
@@ -133,6 +144,7 @@ impl ProcessRuntime {
                 events,
                 units: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
+                log_rotation: Arc::new(RwLock::new(())),
             }),
             spawner,
         }
@@ -184,7 +196,29 @@ impl Runtime for ProcessRuntime {
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
         let allocation_id = allocation_id.to_owned();
         Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
             read_logs(&self.inner.config.work_root, &allocation_id, stderr, bytes).await
+        })
+    }
+
+    fn logs_from(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        offset: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<LogRead, RuntimeError>> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
+            read_logs_from(
+                &self.inner.config.work_root,
+                &allocation_id,
+                stderr,
+                offset,
+                max_bytes,
+            )
+            .await
         })
     }
 
@@ -459,10 +493,11 @@ async fn start_unit(
         )
     })?;
     let log_bytes_max = inner.config.log_bytes_max;
-    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max)
+    let rotation = &inner.log_rotation;
+    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max, rotation)
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDOUT_LOG}: {e}")))?;
-    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max)
+    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max, rotation)
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
 
@@ -657,23 +692,37 @@ async fn wait_exited(handle: &UnitHandle) {
 struct BoundedLog {
     path: PathBuf,
     rotated_path: PathBuf,
+    base_path: PathBuf,
     file: tokio::fs::File,
     len_bytes: u64,
+    /// The offset of the file's first byte within the stream.
+    base_bytes: u64,
     log_bytes_max: u64,
+    rotation: Arc<RwLock<()>>,
 }
 
 impl BoundedLog {
     /// Appends to what an earlier unit with the same allocation id left.
-    async fn open(dir: &Path, name: &str, log_bytes_max: u64) -> io::Result<Self> {
+    async fn open(
+        dir: &Path,
+        name: &str,
+        log_bytes_max: u64,
+        rotation: &Arc<RwLock<()>>,
+    ) -> io::Result<Self> {
         let path = dir.join(name);
+        let base_path = dir.join(format!("{name}{BASE_SUFFIX}"));
+        let base_bytes = read_base(&base_path).await?;
         let file = open_append(&path).await?;
         let len_bytes = file.metadata().await?.len();
         Ok(Self {
             rotated_path: dir.join(format!("{name}{ROTATED_SUFFIX}")),
+            base_path,
             path,
             file,
             len_bytes,
+            base_bytes,
             log_bytes_max,
+            rotation: Arc::clone(rotation),
         })
     }
 
@@ -695,11 +744,15 @@ impl BoundedLog {
     }
 
     async fn rotate(&mut self) -> io::Result<()> {
+        let _rotating = self.rotation.write().await;
         self.file.flush().await?;
         tokio::fs::rename(&self.path, &self.rotated_path).await?;
         self.file = open_append(&self.path).await?;
+        self.base_bytes += self.len_bytes;
         self.len_bytes = 0;
-        Ok(())
+        let temporary = self.base_path.with_extension("base.tmp");
+        tokio::fs::write(&temporary, self.base_bytes.to_string()).await?;
+        tokio::fs::rename(&temporary, &self.base_path).await
     }
 }
 
@@ -735,14 +788,8 @@ async fn copy_output(mut pipe: impl AsyncRead + Unpin, mut log: BoundedLog, allo
     }
 }
 
-/// The newest `bytes` of a stream: the end of `<name>.1` followed by `<name>`. A read that races
-/// a rotation may miss or repeat what was rotated at that moment.
-async fn read_logs(
-    work_root: &Path,
-    allocation_id: &str,
-    stderr: bool,
-    bytes: u64,
-) -> Result<Vec<u8>, RuntimeError> {
+/// An allocation's directory, if it has one.
+async fn allocation_dir(work_root: &Path, allocation_id: &str) -> Result<PathBuf, RuntimeError> {
     if !is_safe_allocation_id(allocation_id) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -761,6 +808,18 @@ async fn read_logs(
         )
         .into());
     }
+    Ok(dir)
+}
+
+/// The newest `bytes` of a stream: the end of `<name>.1` followed by `<name>`. Call it holding
+/// the rotation lock for reading.
+async fn read_logs(
+    work_root: &Path,
+    allocation_id: &str,
+    stderr: bool,
+    bytes: u64,
+) -> Result<Vec<u8>, RuntimeError> {
+    let dir = allocation_dir(work_root, allocation_id).await?;
     let name = if stderr { STDERR_LOG } else { STDOUT_LOG };
     let newest = read_tail(&dir.join(name), bytes).await?;
     let wanted_older_bytes = bytes - newest.len() as u64;
@@ -773,6 +832,77 @@ async fn read_logs(
     )
     .await?;
     output.extend_from_slice(&newest);
+    Ok(output)
+}
+
+/// The offset of a log's first byte within its stream, from its `.base` file (0 when absent).
+async fn read_base(path: &Path) -> io::Result<u64> {
+    match tokio::fs::read_to_string(path).await {
+        Ok(text) => text.trim().parse().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} does not hold an offset: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Up to `max_bytes` of a stream from `offset`: the rotated file holds the bytes just before
+/// the current one, which starts at the offset in the `.base` file. Call it holding the rotation
+/// lock for reading.
+async fn read_logs_from(
+    work_root: &Path,
+    allocation_id: &str,
+    stderr: bool,
+    offset: u64,
+    max_bytes: u64,
+) -> Result<LogRead, RuntimeError> {
+    let dir = allocation_dir(work_root, allocation_id).await?;
+    let name = if stderr { STDERR_LOG } else { STDOUT_LOG };
+    let newest = dir.join(name);
+    let older = dir.join(format!("{name}{ROTATED_SUFFIX}"));
+    let base = read_base(&dir.join(format!("{name}{BASE_SUFFIX}"))).await?;
+    let newest_len = file_len(&newest).await?;
+    let older_len = file_len(&older).await?;
+    let kept_from = base.saturating_sub(older_len);
+    let end_offset = base + newest_len;
+    let start = offset.clamp(kept_from, end_offset);
+    let stop = start.saturating_add(max_bytes).min(end_offset);
+    let mut data = Vec::with_capacity((stop - start) as usize);
+    if start < base {
+        let older_stop = stop.min(base);
+        data.extend(read_range(&older, start - kept_from, older_stop - start).await?);
+    }
+    if stop > base {
+        let newest_start = start.max(base);
+        data.extend(read_range(&newest, newest_start - base, stop - newest_start).await?);
+    }
+    Ok(LogRead {
+        offset: start,
+        data,
+        end_offset,
+    })
+}
+
+async fn file_len(path: &Path) -> io::Result<u64> {
+    match tokio::fs::metadata(path).await {
+        Ok(meta) => Ok(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// `len_bytes` of a file from `start` (fewer if it is shorter).
+async fn read_range(path: &Path, start: u64, len_bytes: u64) -> io::Result<Vec<u8>> {
+    if len_bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(SeekFrom::Start(start)).await?;
+    let mut output = Vec::with_capacity(len_bytes as usize);
+    file.take(len_bytes).read_to_end(&mut output).await?;
     Ok(output)
 }
 
@@ -1143,6 +1273,86 @@ mod tests {
         assert_eq!(h.runtime.logs("chatty", true, 100).await.unwrap(), b"");
         assert!(h.runtime.logs("unknown", false, 100).await.is_err());
         assert!(h.runtime.logs("../chatty", false, 100).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn offsets_stay_stable_across_rotations() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let output: Vec<u8> = (0..125_000u64)
+            .flat_map(|word| format!("{word:07}\n").into_bytes())
+            .chain(*b"end")
+            .collect();
+        let source = h.dir.path().join("output.txt");
+        std::fs::write(&source, &output).unwrap();
+        let exit = h
+            .run_to_exit(unit("chatty", &["cat", source.to_str().unwrap()]))
+            .await;
+        assert_eq!(exit, Exit::Code(0));
+        let work_dir = h.work_root.join("chatty");
+        let newest_len = std::fs::metadata(work_dir.join(STDOUT_LOG)).unwrap().len();
+        let older_len = std::fs::metadata(work_dir.join(format!("{STDOUT_LOG}{ROTATED_SUFFIX}")))
+            .unwrap()
+            .len();
+        let end = output.len() as u64;
+        let base = end - newest_len;
+        let kept_from = base - older_len;
+
+        // (asked offset, max bytes) -> (offset read from, bytes read)
+        for (asked, max_bytes, from, n_bytes) in [
+            (0, 100, kept_from, 100),
+            (kept_from + 5, 100, kept_from + 5, 100),
+            (base - 10, 20, base - 10, 20),
+            (end - 3, 100, end - 3, 3),
+            (end, 100, end, 0),
+            (end + 50, 100, end, 0),
+        ] {
+            let read = h
+                .runtime
+                .logs_from("chatty", false, asked, max_bytes)
+                .await
+                .unwrap();
+            assert_eq!((read.offset, read.end_offset), (from, end), "asked {asked}");
+            assert_eq!(
+                read.data,
+                &output[from as usize..(from + n_bytes) as usize],
+                "asked {asked}"
+            );
+        }
+        let stderr = h.runtime.logs_from("chatty", true, 0, 100).await.unwrap();
+        assert_eq!(
+            (stderr.offset, stderr.end_offset, stderr.data.len()),
+            (0, 0, 0)
+        );
+        assert!(h.runtime.logs_from("unknown", false, 0, 100).await.is_err());
+        assert!(h
+            .runtime
+            .logs_from("../chatty", false, 0, 100)
+            .await
+            .is_err());
+
+        // Read while the unit writes and rotates: every byte read is the byte at its offset.
+        h.runtime
+            .start(unit("racer", &["cat", source.to_str().unwrap()]))
+            .await
+            .unwrap();
+        h.expect_started("racer").await;
+        let deadline = Instant::now() + EVENT_WAIT;
+        let mut offset = 0;
+        let mut n_reads = 0;
+        while offset < end {
+            assert!(Instant::now() < deadline, "reading stopped at {offset}");
+            let read = h
+                .runtime
+                .logs_from("racer", false, offset, 4096)
+                .await
+                .unwrap();
+            let at = read.offset as usize;
+            assert_eq!(read.data, &output[at..at + read.data.len()], "at {at}");
+            offset = read.offset + read.data.len() as u64;
+            n_reads += 1;
+        }
+        assert!(n_reads > 1);
+        h.expect_exited("racer").await;
     }
 
     #[tokio::test]

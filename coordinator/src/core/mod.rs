@@ -3,4 +3,5 @@
 pub mod allocations;
 pub mod liveness;
 pub mod scheduler;
+pub mod serving;
 pub mod state;
