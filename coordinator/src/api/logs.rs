@@ -461,3 +461,91 @@ pub fn header_line(target: &LogTarget, note: Option<&str>) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(query: &[(&str, &str)]) -> Result<LogParams, (Option<String>, String)> {
+        let pairs = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse_params(pairs).map_err(|e| (e.detail.field, e.detail.message))
+    }
+
+    #[test]
+    fn parameters_have_defaults_and_errors_name_the_parameter() {
+        assert_eq!(
+            params(&[]).unwrap(),
+            LogParams {
+                allocation: None,
+                stream: LogStream::Stdout,
+                offset: 0,
+                follow: false
+            }
+        );
+        assert_eq!(
+            params(&[
+                ("allocation", "j-1-0-0"),
+                ("stream", "stderr"),
+                ("offset", "4096"),
+                ("follow", "true")
+            ])
+            .unwrap(),
+            LogParams {
+                allocation: Some("j-1-0-0".into()),
+                stream: LogStream::Stderr,
+                offset: 4096,
+                follow: true
+            }
+        );
+        for (query, field) in [
+            (vec![("stream", "both")], "stream"),
+            (vec![("allocation", "a"), ("offset", "-1")], "offset"),
+            (vec![("follow", "yes")], "follow"),
+            (vec![("tail", "10")], "tail"),
+            (vec![("offset", "10")], "offset"),
+        ] {
+            let (got, message) = params(&query).unwrap_err();
+            assert_eq!(got.as_deref(), Some(field), "{query:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn each_allocation_of_a_job_starts_on_a_line_of_its_own() {
+        let target = LogTarget {
+            allocation_id: "j-1-2-1".into(),
+            unit: 2,
+            attempt: 1,
+            agent_id: "agent-1".into(),
+        };
+        assert_eq!(
+            header_line(&target, None),
+            "==> j-1-2-1 (unit 2, attempt 1) <==\n"
+        );
+        assert_eq!(
+            header_line(&target, Some("the first 10 bytes were rotated away")),
+            "==> j-1-2-1 (unit 2, attempt 1): the first 10 bytes were rotated away <==\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_header_after_a_partial_line_starts_a_new_line() {
+        let (body, mut sent) = mpsc::channel(8);
+        let mut output = Output {
+            body,
+            ends_with_newline: true,
+        };
+        let mut chunks = Vec::new();
+        output.send_line("==> a <==\n".into()).await.ok().unwrap();
+        output.send(b"no newline".to_vec()).await.ok().unwrap();
+        output.send(Vec::new()).await.ok().unwrap();
+        output.send_line("==> b <==\n".into()).await.ok().unwrap();
+        drop(output);
+        while let Some(chunk) = sent.recv().await {
+            chunks.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(chunks, b"==> a <==\nno newline\n==> b <==\n");
+    }
+}

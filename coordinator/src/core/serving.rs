@@ -310,12 +310,14 @@ mod tests {
         let healthy =
             |world: &World| -> Vec<bool> { world.routes()[0].2.iter().map(|r| r.3).collect() };
         assert_eq!(healthy(&world), [true, true, false], "c has no address");
+        world.set("web", 0, AllocationPhase::Running);
+        assert_eq!(healthy(&world), [false, true, false], "failing its check");
         world.apply(Op::AgentDown {
             agent_id: "b".into(),
         });
-        assert_eq!(healthy(&world), [true, false, false], "b is down");
-        world.set("web", 0, AllocationPhase::Running);
-        assert_eq!(healthy(&world), [false, false, false], "failing its check");
+        let units =
+            |world: &World| -> Vec<u32> { world.routes()[0].2.iter().map(|r| r.0).collect() };
+        assert_eq!(units(&world), [0, 2], "b's replica was lost with b");
         world.set(
             "web",
             0,
@@ -324,11 +326,7 @@ mod tests {
                 reason: "crashed".into(),
             },
         );
-        assert_eq!(
-            world.routes()[0].2.iter().map(|r| r.0).collect::<Vec<_>>(),
-            [1, 2],
-            "an ended replica is no longer listed"
-        );
+        assert_eq!(units(&world), [2], "an ended replica is no longer listed");
         world.apply(Op::CancelJob {
             job_id: "web".into(),
         });
