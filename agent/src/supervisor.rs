@@ -406,33 +406,35 @@ impl Supervisor {
         }
     }
 
-    /// The runtime that holds an allocation's output: the one running it, else the one its
-    /// assignment record names (the output stays after the end, and across agent restarts).
-    fn log_holder(&self, allocation_id: &str) -> Option<Arc<dyn Runtime>> {
-        if let Some(runtime) = self.owner.get(allocation_id) {
-            return Some(runtime.clone());
-        }
-        let dir = self.work_root.join(allocation_id);
-        let kind = read_record(&dir).map(|record| record.runtime);
-        self.runtimes
-            .all()
-            .find(|runtime| Some(runtime.kind()) == kind)
-            .cloned()
-    }
-
-    /// Reads what the coordinator asked for; the future owns what it needs, so the session can
-    /// run it on a task of its own and go on serving.
+    /// Reads what the coordinator asked for from the runtime holding the allocation's output:
+    /// the one running it, else the one its assignment record names (the output stays after the
+    /// end, and across agent restarts). The future owns what it needs, so the session can run it
+    /// on a task of its own and go on serving.
     pub fn fetch_logs(
         &self,
         fetch: FetchLogs,
     ) -> impl std::future::Future<Output = LogsReply> + Send + 'static {
-        let holder = if is_allocation_id(&fetch.allocation_id) {
-            self.log_holder(&fetch.allocation_id)
-        } else {
-            None
-        };
+        let valid = is_allocation_id(&fetch.allocation_id);
+        let running_in = self.owner.get(&fetch.allocation_id).cloned();
+        let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.all().cloned().collect();
+        let dir = self.work_root.join(&fetch.allocation_id);
         let permit = self.log_reads.clone().try_acquire_owned();
         async move {
+            let holder = match running_in {
+                Some(runtime) => Some(runtime),
+                None if valid => {
+                    let record = tokio::fs::read(dir.join(ASSIGNMENT_FILE))
+                        .await
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice::<AssignmentRecord>(&bytes).ok());
+                    record.and_then(|record| {
+                        runtimes
+                            .into_iter()
+                            .find(|runtime| runtime.kind() == record.runtime)
+                    })
+                }
+                None => None,
+            };
             let result = match (holder, permit) {
                 (None, _) => Err(LogsError::NotFound(format!(
                     "this agent holds no output of allocation {}",
@@ -611,4 +613,128 @@ async fn http_get_status(port: u16, path: &str) -> std::io::Result<u16> {
     tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .map_err(|_| std::io::Error::other("timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{BoxFuture, RuntimeError};
+    use std::sync::Mutex;
+
+    /// A container runtime that keeps its output in memory, as Docker keeps all of it.
+    #[derive(Default)]
+    struct Recorded {
+        output: Mutex<Vec<u8>>,
+        running: Mutex<bool>,
+    }
+
+    impl Runtime for Recorded {
+        fn kind(&self) -> RuntimeKind {
+            RuntimeKind::Docker
+        }
+        fn start(&self, _: UnitSpec) -> BoxFuture<'_, Result<(), RuntimeError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn stop(&self, _: &str, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+        fn running(&self) -> BoxFuture<'_, Vec<String>> {
+            let running = *self.running.lock().unwrap();
+            Box::pin(async move {
+                if running {
+                    vec!["a-1".to_string()]
+                } else {
+                    Vec::new()
+                }
+            })
+        }
+        fn logs(
+            &self,
+            _: &str,
+            _: bool,
+            bytes: u64,
+        ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
+            let output = self.output.lock().unwrap().clone();
+            let start = output
+                .len()
+                .saturating_sub(bytes.min(usize::MAX as u64) as usize);
+            Box::pin(async move { Ok(output[start..].to_vec()) })
+        }
+        fn shutdown(&self, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn fetch(allocation_id: &str, offset: u64, max_bytes: u32) -> FetchLogs {
+        FetchLogs {
+            request_id: 9,
+            allocation_id: allocation_id.into(),
+            stream: LogStream::Stdout,
+            offset,
+            max_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slice_is_bounded_and_ends_only_once_the_unit_stopped_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Recorded::default());
+        *runtime.output.lock().unwrap() = vec![b'x'; LOG_SLICE_BYTES_MAX as usize + 10];
+        *runtime.running.lock().unwrap() = true;
+        let runtimes = Runtimes {
+            container: Some(runtime.clone()),
+            process: None,
+            allow_pull: false,
+        };
+        // The output of an allocation that is not running is found through its record.
+        let record = AssignmentRecord {
+            term: 1,
+            index: 1,
+            runtime: RuntimeKind::Docker,
+            health: None,
+        };
+        std::fs::create_dir_all(dir.path().join("a-1")).unwrap();
+        std::fs::write(
+            dir.path().join("a-1").join(ASSIGNMENT_FILE),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let (reports, _) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::new(runtimes, dir.path().into(), Vec::new(), reports);
+
+        let reply = supervisor.fetch_logs(fetch("a-1", 0, u32::MAX)).await;
+        assert_eq!(reply.request_id, 9);
+        let slice = reply.result.unwrap();
+        assert_eq!(slice.data.len() as u32, LOG_SLICE_BYTES_MAX, "capped");
+        assert!(!slice.ended);
+        let rest = u64::from(LOG_SLICE_BYTES_MAX);
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest, 100))
+            .await
+            .result
+            .unwrap();
+        assert_eq!((slice.offset, slice.data.len()), (rest, 10));
+        assert!(!slice.ended, "still running: more may come");
+        *runtime.running.lock().unwrap() = false;
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest, 5))
+            .await
+            .result
+            .unwrap();
+        assert!(!slice.ended, "stopped, but five bytes are left");
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest + 5, 5))
+            .await
+            .result
+            .unwrap();
+        assert!(slice.ended);
+
+        for unknown in ["a-2", "../a-1", ""] {
+            let reply = supervisor.fetch_logs(fetch(unknown, 0, 10)).await;
+            assert!(
+                matches!(reply.result, Err(LogsError::NotFound(_))),
+                "{unknown}: {reply:?}"
+            );
+        }
+    }
 }

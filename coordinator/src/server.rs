@@ -694,6 +694,21 @@ impl Coordinator {
                 .agents
                 .get(&transition.agent_id)
                 .is_some_and(|a| a.state == AgentState::Down);
+            if transition.status == AgentStatus::Down {
+                // Its log reads will not be answered: say so now rather than at their timeout.
+                let agent_id = transition.agent_id.clone();
+                let message = format!(
+                    "agent {} is down: it missed its heartbeats",
+                    self.agent_label(&agent_id)
+                );
+                self.fail_log_fetches(
+                    |fetch| fetch.agent_id == agent_id,
+                    |_| LogsRefusal::Agent {
+                        agent_id: agent_id.clone(),
+                        message: message.clone(),
+                    },
+                );
+            }
             if transition.status == AgentStatus::Down && !recorded_down {
                 tracing::warn!(agent = %transition.agent_id, "agent missed its heartbeats past its TTL: down");
                 let op = Op::AgentDown {

@@ -212,7 +212,7 @@ pub async fn serve(State(state): State<Arc<ApiState>>, request: Request) -> Resp
             .as_deref()
             .expect("healthy replicas have an address");
         let request = state
-            .stream_http
+            .gateway_http
             .request(method.clone(), format!("http://{address}{target}"))
             .headers(headers.clone())
             .body(Bytes::clone(&body));

@@ -49,6 +49,9 @@ pub struct ApiState {
     /// For answers that stream (log streams relayed from the leader, the gateway): no overall
     /// timeout, no redirects followed.
     stream_http: reqwest::Client,
+    /// For the gateway: as `stream_http`, and a new connection per request (as nginx does by
+    /// default), so that no request goes out on a kept connection to a replica that has died.
+    gateway_http: reqwest::Client,
     /// The serving routes of this coordinator's applied state.
     routes: watch::Receiver<Arc<ServingRoutes>>,
     /// The gateway's round-robin position per serving job.
@@ -77,6 +80,12 @@ impl ApiState {
             stream_http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client with default TLS builds"),
+            gateway_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(0)
                 .build()
                 .expect("an HTTP client with default TLS builds"),
             routes,
