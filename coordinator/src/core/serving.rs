@@ -156,6 +156,9 @@ mod tests {
         index: u64,
     }
 
+    /// A replica as the tests compare it: (unit, address, state, healthy).
+    type Replica = (u32, Option<String>, &'static str, bool);
+
     impl World {
         fn new(agents: &[(&str, Option<&str>)]) -> Self {
             let mut world = Self {
@@ -261,7 +264,7 @@ mod tests {
         }
 
         /// Per job: (name, routed, [(unit, address, state, healthy)]).
-        fn routes(&self) -> Vec<(String, bool, Vec<(u32, Option<String>, &'static str, bool)>)> {
+        fn routes(&self) -> Vec<(String, bool, Vec<Replica>)> {
             ServingRoutes::from_state(&self.state)
                 .jobs
                 .into_iter()
@@ -277,12 +280,7 @@ mod tests {
         }
     }
 
-    fn replica(
-        unit: u32,
-        address: Option<&str>,
-        state: &'static str,
-        healthy: bool,
-    ) -> (u32, Option<String>, &'static str, bool) {
+    fn replica(unit: u32, address: Option<&str>, state: &'static str, healthy: bool) -> Replica {
         (unit, address.map(str::to_string), state, healthy)
     }
 
