@@ -307,8 +307,15 @@ pub async fn job_logs(
                     params.follow,
                 )
                 .await;
-                if let Ok(Err(refusal)) = copied {
-                    output.break_off(refusal).await;
+                match copied {
+                    Ok(Ok(())) => {}
+                    Ok(Err(refusal)) => {
+                        tracing::debug!(allocation = %target.allocation_id, ?refusal, "log stream broke off");
+                        output.break_off(refusal).await;
+                    }
+                    Err(Gone) => {
+                        tracing::debug!(allocation = %target.allocation_id, "log stream's client went away")
+                    }
                 }
             });
         }
@@ -319,7 +326,11 @@ pub async fn job_logs(
                     body: body_tx,
                     ends_with_newline: true,
                 };
-                let _ = copy_job(&reader, &mut output, &job_id, targets, params.follow).await;
+                if let Err(Gone) =
+                    copy_job(&reader, &mut output, &job_id, targets, params.follow).await
+                {
+                    tracing::debug!(job = %job_id, "log stream's client went away");
+                }
             });
         }
     }
