@@ -3,7 +3,7 @@
 //!
 //! `gantry logs` returns a finished shard's stdout and stderr through either coordinator, and a
 //! whole job's output in unit order; `--follow` streams a running unit's lines as they are
-//! printed and ends when the unit ends. A serving job of two replicas (each a `gantry
+//! printed (the first while the unit waits for the test) and ends when the unit ends. A serving job of two replicas (each a `gantry
 //! coordinator`, which answers `/healthz`) is reached through `/serve/{name}/...` on the
 //! follower and on the leader, requests spread over both replicas, and when one replica is
 //! killed the gateway keeps answering from the other; `gantry endpoints` lists them. The logs of
@@ -113,7 +113,7 @@ impl Fleet {
         assert_eq!(leader.http_addr, fleet.leader);
 
         let join = fleet.join_token("agent").await;
-        let ports = free_tcp_port().min(65_000);
+        let ports = serving_ports();
         let coordinators = format!("{},{}", nodes[0].0, nodes[1].0);
         for name in ["alpha", "beta"] {
             let config = format!(
@@ -211,13 +211,20 @@ impl Fleet {
         self.get_json(&self.leader, &format!("/v1/jobs/{id}")).await
     }
 
+    /// Waits (bounded) for the job to be `done`; on timeout, shows the job as last seen.
     async fn wait_job(&self, id: &str, what: &str, done: impl Fn(&JobView) -> bool) -> JobView {
-        eventually(
-            &format!("job {id}: {what}"),
-            Duration::from_secs(60),
-            || async { self.job(id).await.filter(|job| done(job)) },
-        )
-        .await
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(id).await;
+            if let Some(job) = job.as_ref().filter(|job| done(job)) {
+                return job.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for job {id}: {what}; last seen: {job:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `gantry ARGS --api API` with the admin token, bounded.
@@ -267,6 +274,18 @@ impl Fleet {
             .map(|v| v.to_str().unwrap().to_string());
         (status, replica, response.text().await.unwrap())
     }
+}
+
+/// The first of 21 free ports below the kernel's ephemeral range (32768 and up), so that no
+/// outgoing connection or client socket of this test takes one while a replica needs it.
+fn serving_ports() -> u16 {
+    let start = 20_000 + (std::process::id() % 240) as u16 * 50;
+    (0..240)
+        .map(|i| 20_000 + (start - 20_000 + i * 50) % 12_000)
+        .find(|&base| {
+            (base..=base + 20).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        })
+        .expect("21 free ports below 32000")
 }
 
 fn text(bytes: &[u8]) -> &str {
@@ -339,11 +358,12 @@ async fn logs_and_the_serving_gateway() {
         missing.stderr
     );
 
-    // --follow on a running unit: lines arrive as they are printed; the stream ends with it.
+    // --follow on a running unit: lines arrive as they are printed; the stream ends with it. The
+    // unit prints `ready`, then waits for a file the test creates once `ready` came through.
     let ticker = fleet
         .submit(serde_json::json!({
             "name": "ticker", "kind": "batch",
-            "command": ["sh", "-c", "i=1; while [ $i -le 25 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"],
+            "command": ["sh", "-c", "echo ready; n=0; while [ ! -e go ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done; i=1; while [ $i -le 20 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"],
             "resources": { "cpus": 0.1, "memory": "32MiB" },
             "batch": { "shards": 1 }
         }))
@@ -353,7 +373,10 @@ async fn logs_and_the_serving_gateway() {
             job.allocations.iter().any(|a| a.state == "running")
         })
         .await;
-    let allocation = job.allocations[0].id.clone();
+    let (allocation, agent) = (
+        job.allocations[0].id.clone(),
+        job.allocations[0].agent.clone(),
+    );
     let mut follow = tokio::process::Command::from(fleet.cli_command(
         &follower,
         &["logs", &ticker, "--allocation", &allocation, "--follow"],
@@ -364,6 +387,17 @@ async fn logs_and_the_serving_gateway() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the first line while the unit runs")
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("ready"));
+    let go = fleet
+        .agent_dir(&fleet.agent_name(&agent))
+        .join("allocations")
+        .join(&allocation)
+        .join("go");
+    std::fs::write(go, b"").unwrap();
     let mut arrivals = Vec::new();
     let followed = async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -376,25 +410,23 @@ async fn logs_and_the_serving_gateway() {
         .expect("the follow to end with the unit");
     assert!(status.success());
     let received: Vec<&str> = arrivals.iter().map(|(_, line)| line.as_str()).collect();
-    let printed: Vec<String> = (1..=25).map(|i| format!("tick {i}")).collect();
+    let printed: Vec<String> = (1..=20).map(|i| format!("tick {i}")).collect();
     assert_eq!(received, printed);
     let spread = arrivals.last().unwrap().0 - arrivals[0].0;
     assert!(
         spread >= Duration::from_millis(800),
-        "lines arrived as they were printed, not all at the end: over {spread:?}"
+        "lines arrived as they were printed (2 s), not all at the end: over {spread:?}"
     );
-    let job = fleet.job(&ticker).await.unwrap();
-    assert!(
-        ["succeeded", "running"].contains(&job.state.as_str()),
-        "{job:?}"
-    );
+    fleet
+        .wait_job(&ticker, "succeeded", |job| job.state == "succeeded")
+        .await;
 
     // A serving job of two replicas, each a coordinator answering /healthz on its PORT.
     let binary = env!("CARGO_BIN_EXE_gantry");
     let serving = fleet
         .submit(serde_json::json!({
             "name": "echo", "kind": "serving",
-            "command": ["sh", "-c", format!("echo $$ > pid; exec '{binary}' coordinator --init --data-dir ./replica --listen 127.0.0.1:$PORT --http 127.0.0.1:$PORT")],
+            "command": ["sh", "-c", format!("echo $$ > pid; exec '{binary}' coordinator --init --data-dir ./replica --listen 127.0.0.1:0 --http 127.0.0.1:$PORT")],
             "resources": { "cpus": 0.1, "memory": "64MiB" },
             "serving": { "replicas": 2, "health": "/healthz" }
         }))
@@ -443,6 +475,23 @@ async fn logs_and_the_serving_gateway() {
     }
     let (status, _, body) = fleet.through_gateway(&leader, "/serve/nope/", None).await;
     assert_eq!(status, 404, "{body}");
+    // A body over the limit is refused from its declared length, before it is sent.
+    let too_large = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&leader).await.unwrap();
+        let head = format!(
+            "POST /serve/echo/healthz HTTP/1.1\r\nHost: {leader}\r\nContent-Length: {}\r\n\r\n",
+            9 << 20
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
 
     let listed = fleet.cli(&follower, &["endpoints"]).await;
     assert!(listed.success, "{}", listed.stderr);

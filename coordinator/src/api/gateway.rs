@@ -14,7 +14,7 @@
 
 use super::{ApiError, ApiState};
 use crate::core::serving::attempt_order;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +30,10 @@ pub const GATEWAY_ATTEMPTS_MAX: usize = 3;
 pub const GATEWAY_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Added to answers: the allocation that served the request.
 pub const REPLICA_HEADER: &str = "x-gantry-allocation";
+/// Requests through the gateway at once (held until the answer's body ends); more get 503.
+pub const GATEWAY_REQUESTS_MAX: usize = 1024;
+/// Request bodies buffered at once, in all; a request that would go over gets 503.
+pub const GATEWAY_BUFFERED_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Round-robin counters kept at most (one per serving job asked for).
 const CURSORS_MAX: usize = 4096;
 
@@ -111,11 +115,12 @@ fn is_admin_token(value: &HeaderValue, admin_token_sha256: &[u8]) -> bool {
         })
 }
 
-/// The replica's answer headers as the client gets them.
+/// The replica's answer headers as the client gets them (`Content-Length` stays: the body is
+/// relayed byte for byte).
 fn downstream_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
             out.append(name.clone(), value.clone());
         }
     }
@@ -184,7 +189,30 @@ pub async fn serve(State(state): State<Arc<ApiState>>, request: Request) -> Resp
             ),
         );
     }
-    let body = match axum::body::to_bytes(body, GATEWAY_BODY_BYTES_MAX).await {
+    let Ok(in_flight) = state.gateway_requests.clone().try_acquire_owned() else {
+        return gateway_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the gateway already carries {GATEWAY_REQUESTS_MAX} requests; retry"),
+        );
+    };
+    // Room for the body before reading it: its length when known (0 for a request without
+    // one), else the most it may be.
+    let hint = HttpBody::size_hint(&body);
+    let declared = hint.exact().map(|n| n as usize);
+    if hint.lower() > GATEWAY_BODY_BYTES_MAX as u64 {
+        return gateway_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {GATEWAY_BODY_BYTES_MAX} bytes"),
+        );
+    }
+    let room = declared.unwrap_or(GATEWAY_BODY_BYTES_MAX) as u32;
+    let Ok(buffered) = state.gateway_buffered.clone().try_acquire_many_owned(room) else {
+        return gateway_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the gateway already holds {GATEWAY_BUFFERED_BYTES_MAX} bytes of request bodies; retry"),
+        );
+    };
+    let body = match axum::body::to_bytes(body, declared.unwrap_or(GATEWAY_BODY_BYTES_MAX)).await {
         Ok(body) => body,
         Err(e) => {
             return gateway_error(
@@ -247,7 +275,8 @@ pub async fn serve(State(state): State<Arc<ApiState>>, request: Request) -> Resp
             response_headers.insert(HeaderName::from_static(REPLICA_HEADER), value);
         }
         let status = answer.status();
-        return (status, response_headers, relay(answer)).into_response();
+        drop(buffered);
+        return (status, response_headers, relay(answer, in_flight)).into_response();
     }
     gateway_error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -258,12 +287,13 @@ pub async fn serve(State(state): State<Arc<ApiState>>, request: Request) -> Resp
     )
 }
 
-/// A response's body as it arrives, as a body for the client.
-pub fn relay(response: reqwest::Response) -> Body {
-    let chunks = futures_util::stream::unfold(Some(response), |response| async move {
-        let mut response = response?;
+/// A response's body as it arrives, as a body for the client; `guard` (a permit) is held until
+/// the body ends or the client goes away.
+pub fn relay<G: Send + 'static>(response: reqwest::Response, guard: G) -> Body {
+    let chunks = futures_util::stream::unfold(Some((response, guard)), |state| async move {
+        let (mut response, guard) = state?;
         match response.chunk().await {
-            Ok(Some(chunk)) => Some((Ok(chunk), Some(response))),
+            Ok(Some(chunk)) => Some((Ok(chunk), Some((response, guard)))),
             Ok(None) => None,
             Err(e) => Some((Err(std::io::Error::other(e)), None)),
         }

@@ -244,6 +244,12 @@ pub async fn job_logs(
         Ok(params) => params,
         Err(error) => return error.into_response(),
     };
+    let Ok(permit) = state.log_streams.clone().try_acquire_owned() else {
+        return ApiError::unavailable(format!(
+            "this coordinator already serves {LOG_STREAMS_MAX} log streams; retry later"
+        ))
+        .into_response();
+    };
     let targets = ask_logs(&state, |reply| Event::LogTargets {
         job_id: job_id.clone(),
         allocation_id: params.allocation.clone(),
@@ -259,15 +265,17 @@ pub async fn job_logs(
                 Some(query) => format!("/v1/jobs/{job_id}/logs?{query}"),
                 None => format!("/v1/jobs/{job_id}/logs"),
             };
-            return forward_stream(&state, &leader.http_addr, Method::GET, &path, &headers).await;
+            return forward_stream(
+                &state,
+                &leader.http_addr,
+                Method::GET,
+                &path,
+                &headers,
+                permit,
+            )
+            .await;
         }
         Err(refusal) => return refusal_error(refusal).into_response(),
-    };
-    let Ok(permit) = state.log_streams.clone().try_acquire_owned() else {
-        return ApiError::unavailable(format!(
-            "this coordinator already serves {LOG_STREAMS_MAX} log streams; retry later"
-        ))
-        .into_response();
     };
     let reader = Reader {
         state: state.clone(),

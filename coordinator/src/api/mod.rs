@@ -56,6 +56,9 @@ pub struct ApiState {
     routes: watch::Receiver<Arc<ServingRoutes>>,
     /// The gateway's round-robin position per serving job.
     gateway_cursors: Mutex<BTreeMap<String, u64>>,
+    gateway_requests: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies the gateway may hold at once.
+    gateway_buffered: Arc<tokio::sync::Semaphore>,
     log_streams: Arc<tokio::sync::Semaphore>,
 }
 
@@ -90,6 +93,10 @@ impl ApiState {
                 .expect("an HTTP client with default TLS builds"),
             routes,
             gateway_cursors: Mutex::new(BTreeMap::new()),
+            gateway_requests: Arc::new(tokio::sync::Semaphore::new(gateway::GATEWAY_REQUESTS_MAX)),
+            gateway_buffered: Arc::new(tokio::sync::Semaphore::new(
+                gateway::GATEWAY_BUFFERED_BYTES_MAX,
+            )),
             log_streams: Arc::new(tokio::sync::Semaphore::new(logs::LOG_STREAMS_MAX)),
         }
     }
@@ -308,12 +315,13 @@ async fn forward(
 
 /// Sends a request to the leader when this node does not lead, once, and relays the answer as
 /// it comes (a log stream).
-async fn forward_stream(
+async fn forward_stream<G: Send + 'static>(
     state: &ApiState,
     leader_http: &str,
     method: Method,
     path: &str,
     headers: &HeaderMap,
+    guard: G,
 ) -> Response {
     if headers.contains_key(FORWARDED_HEADER) {
         return ApiError::unavailable("leadership is changing; retry").into_response();
@@ -347,7 +355,7 @@ async fn forward_stream(
             response_headers.insert(name.clone(), value.clone());
         }
     }
-    (status, response_headers, gateway::relay(answer)).into_response()
+    (status, response_headers, gateway::relay(answer, guard)).into_response()
 }
 
 /// How long a forwarded request waits for the leader's answer to begin.
