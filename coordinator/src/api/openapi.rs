@@ -35,7 +35,7 @@ fn gateway_path() -> Value {
             "404": error_response("No running serving job of this name."),
             "413": error_response("Request body over 8 MiB."),
             "502": error_response("The replica failed mid-answer."),
-            "503": error_response("No healthy replica, or none accepted the connection."),
+            "503": error_response("No healthy replica, none accepted the connection, or the gateway is at its limits (1,024 requests, 64 MiB of bodies)."),
             "504": error_response("The replica did not start answering within 300 s.") }
     });
     json!({ "get": operation.clone(), "post": operation.clone(), "put": operation.clone(), "delete": operation.clone(),
