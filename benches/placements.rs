@@ -45,6 +45,7 @@ fn register(i: usize) -> Register {
             gpus: Vec::new(),
         }],
         serving_ports: (31_000, 32_999),
+        address: None,
     }
 }
 

@@ -10,6 +10,8 @@ pub struct ApiClient {
     bases: Vec<String>,
     token: Option<String>,
     http: reqwest::Client,
+    /// For answers that stream for as long as they last (`gantry logs --follow`).
+    stream_http: reqwest::Client,
 }
 
 impl ApiClient {
@@ -37,7 +39,54 @@ impl ApiClient {
             .timeout(Duration::from_secs(30))
             .build()
             .context("build the HTTP client")?;
-        Ok(Self { bases, token, http })
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .context("build the HTTP client")?;
+        Ok(Self {
+            bases,
+            token,
+            http,
+            stream_http,
+        })
+    }
+
+    /// A GET whose answer is read as it streams: the first coordinator that answers 2xx, or the
+    /// error of the last. No overall timeout.
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response> {
+        let mut failures = Vec::new();
+        for base in &self.bases {
+            let mut request = self.stream_http.get(format!("{base}{path}"));
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token.trim());
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if e.is_connect() || e.is_timeout() => {
+                    failures.push(format!("{base}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(anyhow!("GET {base}{path}: {e}")),
+            };
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let bytes = response
+                .bytes()
+                .await
+                .with_context(|| format!("read the answer from {base}"))?;
+            let message = error_message(&bytes);
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && self.bases.len() > 1 {
+                failures.push(format!("{base}: {message}"));
+                continue;
+            }
+            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+                bail!("{message}\nset GANTRY_TOKEN or pass --token");
+            }
+            bail!("{status}: {message}");
+        }
+        bail!("no coordinator answered: {}", failures.join("; "))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -134,13 +183,7 @@ impl ApiClient {
             if status.is_success() {
                 return Ok((base.clone(), bytes.to_vec()));
             }
-            let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => match body.error.field {
-                    Some(field) => format!("{} (field `{field}`)", body.error.message),
-                    None => body.error.message,
-                },
-                Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
-            };
+            let message = error_message(&bytes);
             if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
                 && self.bases.len() > 1
                 && (method == reqwest::Method::GET || idempotency_key.is_some())
@@ -188,3 +231,13 @@ impl std::fmt::Display for Unreachable {
 }
 
 impl std::error::Error for Unreachable {}
+/// The message of an API error body, with the field at fault; the body itself otherwise.
+fn error_message(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => match body.error.field {
+            Some(field) => format!("{} (field `{field}`)", body.error.message),
+            None => body.error.message,
+        },
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}

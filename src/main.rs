@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use client::ApiClient;
 use gantry_coordinator::api::types::{
-    ClusterView, CreateTokenRequest, CreateTokenResponse, JobView, NodeView, SubmitJobResponse,
+    ClusterView, CreateTokenRequest, CreateTokenResponse, EndpointView, JobView, NodeView,
+    SubmitJobResponse,
 };
 pub(crate) use output::print_table;
 use output::{emit, local_time_ago, now_unix_ms, Output};
@@ -167,6 +168,29 @@ enum Command {
     Images {
         #[command(subcommand)]
         command: ImagesCommand,
+    },
+    /// Print a job's output (raw bytes) as kept on the agents that ran it. Without
+    /// --allocation, each allocation in unit order, after a `==> ALLOCATION ... <==` line.
+    Logs {
+        job: String,
+        /// Keep printing as the output grows, until the allocation (or the whole job) ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// One allocation of the job (an id from `gantry status JOB`).
+        #[arg(long)]
+        allocation: Option<String>,
+        /// Standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Serving jobs: their gateway paths (/serve/NAME/ on any coordinator) and replicas.
+    Endpoints {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// List the fleet's nodes with their capacity and status.
     Nodes {
@@ -432,6 +456,14 @@ async fn dispatch(cli: Cli) -> Result<()> {
             out,
             api,
         } => artifacts(&api, &job, name.as_deref(), out.as_deref()).await,
+        Command::Logs {
+            job,
+            follow,
+            allocation,
+            stderr,
+            api,
+        } => logs(&api, &job, allocation, stderr, follow).await,
+        Command::Endpoints { output, api } => endpoints(&api, output).await,
         Command::Demo { keep } => demo::run(keep).await,
         Command::New(args) => templates::run(args),
         Command::Workload(args) => workloads::run(args).await,
@@ -980,5 +1012,129 @@ async fn update(api: &ApiArgs, job: &str, file: &Path) -> Result<()> {
         "{job} is at generation {}; its replicas roll over",
         answer["generation"]
     );
+    Ok(())
+}
+
+/// Times a broken `--follow` stream of one allocation is resumed from where it broke off.
+const LOG_RESUMES_MAX: u32 = 5;
+
+async fn logs(
+    api: &ApiArgs,
+    job: &str,
+    allocation: Option<String>,
+    stderr: bool,
+    follow: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let mut offset: Option<u64> = None;
+    let mut resumes = 0;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let mut path = format!("/v1/jobs/{job}/logs?stream={stream}&follow={follow}");
+        if let Some(allocation) = &allocation {
+            path += &format!("&allocation={allocation}&offset={}", offset.unwrap_or(0));
+        }
+        let mut response = client.get_stream(&path).await?;
+        let start = response
+            .headers()
+            .get(gantry_coordinator::api::logs::OFFSET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(start), Some(asked)) = (start, offset.or(allocation.as_ref().map(|_| 0))) {
+            if start > asked {
+                eprintln!(
+                    "({} bytes of older output were rotated away on the agent)",
+                    start - asked
+                );
+            }
+        }
+        let mut received = 0u64;
+        let broke = loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    stdout.write_all(&chunk).context("write to stdout")?;
+                    stdout.flush().context("write to stdout")?;
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        let Some(error) = broke else {
+            return Ok(());
+        };
+        // Only one allocation's stream can resume at a byte offset.
+        match (follow, start) {
+            (true, Some(start)) if allocation.is_some() && resumes < LOG_RESUMES_MAX => {
+                resumes += 1;
+                offset = Some(start + received);
+                eprintln!("(the log stream broke off: {error}; resuming)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => bail!("the log stream broke off: {error}"),
+        }
+    }
+}
+
+async fn endpoints(api: &ApiArgs, output: Output) -> Result<()> {
+    let client = ApiClient::new(&api.api, api.token.clone())?;
+    let endpoints: Vec<EndpointView> = client.get("/v1/endpoints").await?;
+    match output {
+        Output::Json | Output::Yaml => output::emit(output, &endpoints, |_| {})?,
+        Output::Table => {
+            let mut rows: Vec<[String; 6]> = Vec::new();
+            for endpoint in &endpoints {
+                let path = if endpoint.routed {
+                    endpoint.path.clone()
+                } else {
+                    format!("{} (taken by a newer job)", endpoint.path)
+                };
+                let replicas: Vec<[String; 3]> = endpoint
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let state = if r.healthy {
+                            "healthy".to_string()
+                        } else if r.state == "healthy" {
+                            "healthy (not routed)".to_string()
+                        } else {
+                            r.state.clone()
+                        };
+                        [
+                            r.allocation.clone(),
+                            r.address.clone().unwrap_or_else(|| "-".into()),
+                            state,
+                        ]
+                    })
+                    .collect();
+                if replicas.is_empty() {
+                    rows.push([
+                        endpoint.name.clone(),
+                        endpoint.job.clone(),
+                        path.clone(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                    ]);
+                }
+                for [allocation, address, state] in replicas {
+                    rows.push([
+                        endpoint.name.clone(),
+                        endpoint.job.clone(),
+                        path.clone(),
+                        allocation,
+                        address,
+                        state,
+                    ]);
+                }
+            }
+            print_table(
+                &["NAME", "JOB", "PATH", "REPLICA", "ADDRESS", "STATE"],
+                &rows,
+            );
+        }
+    }
     Ok(())
 }

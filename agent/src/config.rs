@@ -15,6 +15,8 @@
 //! kubernetes_namespace = "gantry"
 //! allocation_retention_hours = 24  # finished allocations' logs and outputs are kept this long
 //! allocations_kept_max = 1000      # and at most this many
+//! advertise_address = "10.0.0.7"   # where the serving gateway reaches replicas on this host;
+//!                                  # the local address of the coordinator connection by default
 //!
 //! [labels]
 //! rack = "r12"
@@ -74,6 +76,10 @@ pub struct AgentConfig {
     pub serving_port_min: u16,
     #[serde(default = "default_serving_port_max")]
     pub serving_port_max: u16,
+    /// The host name or IP address the coordinators' serving gateway uses to reach this host's
+    /// serving replicas; when unset, the local address of the agent's connection to the
+    /// coordinator (right unless NAT or a proxy sits between them).
+    pub advertise_address: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -166,6 +172,7 @@ impl Default for AgentConfig {
             allocations_kept_max: default_kept_max(),
             serving_port_min: default_serving_port_min(),
             serving_port_max: default_serving_port_max(),
+            advertise_address: None,
             labels: BTreeMap::new(),
             gpus: Vec::new(),
         }
@@ -254,6 +261,14 @@ impl AgentConfig {
                 ),
             ));
         }
+        if let Some(address) = &self.advertise_address {
+            if !is_host(address) {
+                return Err(invalid(
+                    "advertise_address".into(),
+                    format!("must be a host name or an IP address without a port, got {address:?}"),
+                ));
+            }
+        }
         for (i, group) in self.gpus.iter().enumerate() {
             if group.model.trim().is_empty() {
                 return Err(invalid(
@@ -287,6 +302,24 @@ fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// A host name (letters, digits, '-' and '.', at most 253) or an IP address, with no port.
+pub fn is_host(value: &str) -> bool {
+    if value.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +349,11 @@ mod tests {
         assert!(config.allow_process);
         assert_eq!(config.gpus[0].count, 4);
         assert_eq!(config.labels["rack"], "r12");
+        for address in ["gpu-07.lab", "10.0.0.7", "fd00::7"] {
+            let text = format!("advertise_address = {address:?}");
+            let config = AgentConfig::parse(&text, "agent.toml").unwrap();
+            assert_eq!(config.advertise_address.as_deref(), Some(address));
+        }
     }
 
     #[test]
@@ -340,6 +378,14 @@ mod tests {
             (
                 "[[gpus]]\nmodel = \"A100\"\nmemory = \"80GiB\"\ncount = 0",
                 "`gpus[0].count`",
+            ),
+            (
+                "advertise_address = \"10.0.0.7:8080\"",
+                "`advertise_address`",
+            ),
+            (
+                "advertise_address = \"http://gpu-07\"",
+                "`advertise_address`",
             ),
         ] {
             let err = AgentConfig::parse(text, "agent.toml")

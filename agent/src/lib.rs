@@ -102,6 +102,8 @@ fn register_message(
         runtimes: runtimes.to_vec(),
         nodes: cluster_nodes.unwrap_or_else(|| vec![fingerprint::local_node(config, data_dir)]),
         serving_ports: (config.serving_port_min, config.serving_port_max),
+        // The session fills in its connection's local address when the config names none.
+        address: config.advertise_address.clone(),
     }
 }
 

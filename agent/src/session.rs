@@ -8,7 +8,7 @@ use gantry_protocol::pki::{self, COORDINATOR_SERVER_NAME};
 use gantry_protocol::tls;
 use gantry_protocol::transport::{self, close_code, ALPN_AGENT};
 use gantry_protocol::{
-    AgentMessage, AllocationStateReport, CoordinatorMessage, Heartbeat, Register,
+    AgentMessage, AllocationStateReport, CoordinatorMessage, Heartbeat, LogsReply, Register,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,6 +20,8 @@ use tokio::sync::watch;
 /// Redirects followed in a row before the agent backs off (a leader election in progress).
 const REDIRECTS_IN_A_ROW_MAX: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Log replies read and waiting for the control stream.
+const LOG_REPLIES_LEN_MAX: usize = 16;
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in [0, min(max, initial * 2^n)].
 #[derive(Debug, Clone)]
@@ -75,6 +77,10 @@ pub struct Session {
     /// Builds the register message afresh for each connection (capacity can change).
     make_register: Box<dyn Fn() -> Register + Send + Sync>,
     work: Work,
+    /// Log reads run on tasks of their own and hand their replies back here. A reply that
+    /// outlives its session goes to the next one, whose coordinator ignores the unknown id.
+    log_replies_tx: mpsc::Sender<LogsReply>,
+    log_replies: mpsc::Receiver<LogsReply>,
 }
 
 /// The agent's work, which lives across sessions: the supervisor, the runtime's events, and the
@@ -104,11 +110,14 @@ impl Session {
         make_register: Box<dyn Fn() -> Register + Send + Sync>,
         work: Work,
     ) -> Self {
+        let (log_replies_tx, log_replies) = mpsc::channel(LOG_REPLIES_LEN_MAX);
         Self {
             config,
             credentials,
             make_register,
             work,
+            log_replies_tx,
+            log_replies,
         }
     }
 
@@ -212,8 +221,11 @@ impl Session {
             concat!("gantry-agent ", env!("CARGO_PKG_VERSION")),
         )
         .await?;
-        send.send(&AgentMessage::Register((self.make_register)()))
-            .await?;
+        let mut register = (self.make_register)();
+        if register.address.is_none() {
+            register.address = local_address_towards(connection.remote_address());
+        }
+        send.send(&AgentMessage::Register(register)).await?;
         let welcome = match recv.expect::<CoordinatorMessage>().await? {
             CoordinatorMessage::Welcome(welcome) => welcome,
             CoordinatorMessage::Redirect { leader_addr } => {
@@ -312,11 +324,23 @@ impl Session {
                         tracing::info!(allocation = %stop.allocation_id, "asked to stop");
                         self.work.supervisor.handle_stop(stop);
                     }
+                    Ok(Some(CoordinatorMessage::FetchLogs(fetch))) => {
+                        let read = self.work.supervisor.fetch_logs(fetch);
+                        let replies = self.log_replies_tx.clone();
+                        tokio::spawn(async move {
+                            let _ = replies.send(read.await).await;
+                        });
+                    }
                     Ok(Some(other)) => tracing::debug!(?other, "ignoring message"),
                     Ok(None) => return Ok(Outcome::Ended { welcomed: true, reason: "coordinator closed the session".into() }),
                     Err(e) => return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() }),
                 },
                 Some(event) = self.work.runtime_events.recv() => self.work.supervisor.handle_runtime_event(event),
+                Some(reply) = self.log_replies.recv() => {
+                    if let Err(e) = send.send(&AgentMessage::Logs(reply)).await {
+                        return Ok(Outcome::Ended { welcomed: true, reason: e.to_string() });
+                    }
+                }
                 Some(report) = self.work.reports.recv() => {
                     if let Err(e) = send.send(&AgentMessage::AllocationState(report.clone())).await {
                         self.work.undelivered.push_back(report);
@@ -327,6 +351,20 @@ impl Session {
             }
         }
     }
+}
+
+/// The local address this host sends from towards `remote`: what the coordinator's gateway is
+/// most likely to reach it at. Asks the kernel's routing (a UDP "connect" sends nothing).
+fn local_address_towards(remote: SocketAddr) -> Option<String> {
+    let bind: SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(remote).ok()?;
+    let local = socket.local_addr().ok()?.ip();
+    (!local.is_unspecified()).then(|| local.to_string())
 }
 
 #[cfg(test)]
@@ -347,5 +385,11 @@ mod tests {
         );
         backoff.reset();
         assert!(backoff.next_delay(0.999_999) < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_local_address_towards_loopback_is_loopback() {
+        let remote: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+        assert_eq!(local_address_towards(remote).as_deref(), Some("127.0.0.1"));
     }
 }

@@ -16,8 +16,8 @@ use crate::runtime::{
 };
 use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::{
-    AllocationPhase, AllocationStateReport, ArtifactFile, Assign, FencingToken, Gpu, RuntimeKind,
-    Stop,
+    AllocationPhase, AllocationStateReport, ArtifactFile, Assign, FencingToken, FetchLogs, Gpu,
+    LogSlice, LogStream, LogsError, LogsReply, RuntimeKind, Stop, LOG_SLICE_BYTES_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -30,6 +30,8 @@ const ASSIGNMENT_FILE: &str = "assignment.json";
 // Written when an allocation's final state has been reported: a restart does not report it
 // again, and the retention sweep may remove the directory once it is old enough.
 use crate::retention::ENDED_FILE;
+/// Log reads running at once; more are refused (the coordinator bounds its requests too).
+pub const LOG_READS_MAX: usize = 8;
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -98,6 +100,7 @@ pub struct Supervisor {
     healthy: BTreeMap<String, Arc<std::sync::atomic::AtomicBool>>,
     /// Reports waiting for a session to carry them.
     reports: mpsc::UnboundedSender<AllocationStateReport>,
+    log_reads: Arc<tokio::sync::Semaphore>,
 }
 
 fn failed(reason: String) -> AllocationPhase {
@@ -230,6 +233,7 @@ impl Supervisor {
             health_tasks: BTreeMap::new(),
             healthy: BTreeMap::new(),
             reports,
+            log_reads: Arc::new(tokio::sync::Semaphore::new(LOG_READS_MAX)),
         }
     }
 
@@ -554,11 +558,102 @@ impl Supervisor {
         }
     }
 
+    /// Reads what the coordinator asked for from the runtime holding the allocation's output:
+    /// the one running it, else the one its assignment record names (the output stays after the
+    /// end, and across agent restarts). The future owns what it needs, so the session can run it
+    /// on a task of its own and go on serving.
+    pub fn fetch_logs(
+        &self,
+        fetch: FetchLogs,
+    ) -> impl std::future::Future<Output = LogsReply> + Send + 'static {
+        let valid = is_allocation_id(&fetch.allocation_id);
+        let running_in = self.owner.get(&fetch.allocation_id).cloned();
+        let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.all().cloned().collect();
+        let dir = self.work_root.join(&fetch.allocation_id);
+        let permit = self.log_reads.clone().try_acquire_owned();
+        async move {
+            let holder = match running_in {
+                Some(runtime) => Some(runtime),
+                None if valid => {
+                    let record = tokio::fs::read(dir.join(ASSIGNMENT_FILE))
+                        .await
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice::<AssignmentRecord>(&bytes).ok());
+                    record.and_then(|record| {
+                        runtimes
+                            .into_iter()
+                            .find(|runtime| runtime.kind() == record.runtime)
+                    })
+                }
+                None => None,
+            };
+            let result = match (holder, permit) {
+                (None, _) => Err(LogsError::NotFound(format!(
+                    "this agent holds no output of allocation {}",
+                    fetch.allocation_id
+                ))),
+                (Some(_), Err(_)) => Err(LogsError::Failed(format!(
+                    "this agent is already reading {LOG_READS_MAX} logs; retry"
+                ))),
+                (Some(runtime), Ok(_permit)) => read_slice(runtime.as_ref(), &fetch).await,
+            };
+            LogsReply {
+                request_id: fetch.request_id,
+                result,
+            }
+        }
+    }
+
     pub async fn shutdown(&self, grace: Duration) {
         let stops = self.runtimes.all().map(|runtime| runtime.shutdown(grace));
         for stop in stops {
             stop.await;
         }
+    }
+}
+
+/// Allocation ids name directories: no separators, never `.` or `..`.
+fn is_allocation_id(allocation_id: &str) -> bool {
+    !allocation_id.is_empty()
+        && allocation_id != "."
+        && allocation_id != ".."
+        && allocation_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One slice of an allocation's output. Whether the unit runs is asked before reading, so a
+/// slice marked `ended` can miss nothing the unit wrote.
+async fn read_slice(runtime: &dyn Runtime, fetch: &FetchLogs) -> Result<LogSlice, LogsError> {
+    let running = runtime.running().await.contains(&fetch.allocation_id);
+    let max_bytes = fetch.max_bytes.min(LOG_SLICE_BYTES_MAX);
+    let stderr = fetch.stream == LogStream::Stderr;
+    match runtime
+        .logs_from(
+            &fetch.allocation_id,
+            stderr,
+            fetch.offset,
+            u64::from(max_bytes),
+        )
+        .await
+    {
+        Ok(read) => {
+            let next_offset = read.offset + read.data.len() as u64;
+            Ok(LogSlice {
+                ended: !running && next_offset >= read.end_offset,
+                offset: read.offset,
+                data: read.data,
+                end_offset: read.end_offset,
+            })
+        }
+        Err(crate::runtime::RuntimeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(LogsError::NotFound(e.to_string()))
+        }
+        Err(e) => Err(LogsError::Failed(format!(
+            "reading the {} of {}: {e}",
+            fetch.stream.as_str(),
+            fetch.allocation_id
+        ))),
     }
 }
 
@@ -806,6 +901,126 @@ mod tests {
                 assert!(reason.contains("\"model.json\""), "{reason}")
             }
             other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+    use crate::runtime::{BoxFuture, RuntimeError};
+    use std::sync::Mutex;
+
+    /// A container runtime that keeps its output in memory, as Docker keeps all of it.
+    #[derive(Default)]
+    struct Recorded {
+        output: Mutex<Vec<u8>>,
+        running: Mutex<bool>,
+    }
+
+    impl Runtime for Recorded {
+        fn kind(&self) -> RuntimeKind {
+            RuntimeKind::Docker
+        }
+        fn start(&self, _: UnitSpec) -> BoxFuture<'_, Result<(), RuntimeError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn stop(&self, _: &str, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+        fn running(&self) -> BoxFuture<'_, Vec<String>> {
+            let running = *self.running.lock().unwrap();
+            Box::pin(async move {
+                if running {
+                    vec!["a-1".to_string()]
+                } else {
+                    Vec::new()
+                }
+            })
+        }
+        fn logs(
+            &self,
+            _: &str,
+            _: bool,
+            bytes: u64,
+        ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
+            let output = self.output.lock().unwrap().clone();
+            let start = output
+                .len()
+                .saturating_sub(bytes.min(usize::MAX as u64) as usize);
+            Box::pin(async move { Ok(output[start..].to_vec()) })
+        }
+        fn shutdown(&self, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn fetch(allocation_id: &str, offset: u64, max_bytes: u32) -> FetchLogs {
+        FetchLogs {
+            request_id: 9,
+            allocation_id: allocation_id.into(),
+            stream: LogStream::Stdout,
+            offset,
+            max_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slice_is_bounded_and_ends_only_once_the_unit_stopped_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Recorded::default());
+        *runtime.output.lock().unwrap() = vec![b'x'; LOG_SLICE_BYTES_MAX as usize + 10];
+        *runtime.running.lock().unwrap() = true;
+        let runtimes = Runtimes {
+            container: Some(runtime.clone()),
+            process: None,
+            allow_pull: false,
+        };
+        // The output of an allocation that is not running is found through its record.
+        let record = AssignmentRecord {
+            term: 1,
+            index: 1,
+            runtime: RuntimeKind::Docker,
+            health: None,
+            outputs: Vec::new(),
+        };
+        std::fs::create_dir_all(dir.path().join("a-1")).unwrap();
+        std::fs::write(
+            dir.path().join("a-1").join(ASSIGNMENT_FILE),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let (reports, _) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::new(runtimes, dir.path().into(), Vec::new(), reports);
+
+        let reply = supervisor.fetch_logs(fetch("a-1", 0, u32::MAX)).await;
+        assert_eq!(reply.request_id, 9);
+        let slice = reply.result.unwrap();
+        assert_eq!(slice.data.len() as u32, LOG_SLICE_BYTES_MAX, "capped");
+        assert!(!slice.ended);
+        let rest = u64::from(LOG_SLICE_BYTES_MAX);
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest, 100))
+            .await
+            .result
+            .unwrap();
+        assert_eq!((slice.offset, slice.data.len()), (rest, 10));
+        assert!(!slice.ended, "still running: more may come");
+        *runtime.running.lock().unwrap() = false;
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest, 5))
+            .await
+            .result
+            .unwrap();
+        assert!(!slice.ended, "stopped, but five bytes are left");
+        let slice = supervisor
+            .fetch_logs(fetch("a-1", rest + 5, 5))
+            .await
+            .result
+            .unwrap();
+        assert!(slice.ended);
+
+        for unknown in ["a-2", "../a-1", ""] {
+            let reply = supervisor.fetch_logs(fetch(unknown, 0, 10)).await;
+            assert!(
+                matches!(reply.result, Err(LogsError::NotFound(_))),
+                "{unknown}: {reply:?}"
+            );
         }
     }
 }

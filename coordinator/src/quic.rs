@@ -27,6 +27,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds on what one register message may declare.
 const REGISTER_NODES_MAX: usize = 10_000;
 const REGISTER_LABELS_MAX: usize = 256;
+/// The longest address an agent may register (a DNS name's limit).
+const REGISTER_ADDRESS_BYTES_MAX: usize = 253;
 
 pub struct QuicContext {
     events: Handle,
@@ -369,6 +371,18 @@ fn validate_register(register: &Register) -> Result<(), String> {
             register.labels.len()
         ));
     }
+    if let Some(address) = &register.address {
+        let valid = !address.is_empty()
+            && address.len() <= REGISTER_ADDRESS_BYTES_MAX
+            && address
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+        if !valid {
+            return Err(format!(
+                "register.address must be a host name or an IP address without a port, got {address:?}"
+            ));
+        }
+    }
     for (field, cost) in [
         ("cost_per_gpu_hour", register.cost_per_gpu_hour),
         ("cost_per_cpu_hour", register.cost_per_cpu_hour),
@@ -392,7 +406,7 @@ async fn agent_session(
         Err(TransportError::Refused(message)) => return refuse(connection, &message),
         Err(e) => return Err(e.to_string()),
     };
-    let register = match recv.expect::<AgentMessage>().await {
+    let mut register = match recv.expect::<AgentMessage>().await {
         Ok(AgentMessage::Register(register)) => register,
         Ok(_) => return Err("the first message of an agent session must be Register".into()),
         Err(e) => return Err(format!("reading Register: {e}")),
@@ -407,6 +421,10 @@ async fn agent_session(
         send.finish_and_flush(transport::REFUSAL_FLUSH_TIMEOUT)
             .await;
         return refuse(connection, &reason);
+    }
+    if register.address.is_none() {
+        // Where this coordinator sees the agent come from: the best guess left.
+        register.address = Some(connection.remote_address().ip().to_string());
     }
     let session_id = context.next_session_id.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_LEN_MAX);
@@ -486,8 +504,11 @@ async fn agent_session(
                         break Ok(());
                     }
                 }
-                Ok(Some(AgentMessage::LogChunk(chunk))) => {
-                    tracing::debug!(agent = %agent_id, allocation = %chunk.allocation_id, "log chunk");
+                Ok(Some(AgentMessage::Logs(reply))) => {
+                    let event = Event::Logs { agent_id: agent_id.clone(), reply };
+                    if context.events.send(event).await.is_err() {
+                        break Ok(());
+                    }
                 }
                 Ok(None) => break Ok(()),
                 Err(TransportError::Connection(e)) | Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => {

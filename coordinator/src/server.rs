@@ -5,6 +5,7 @@
 use crate::api::types::{AgentView, ClusterView, GpuView, MemberView, NodeView, RuntimeView};
 use crate::core::liveness::{AgentStatus, LivenessTracker};
 use crate::core::scheduler;
+use crate::core::serving::ServingRoutes;
 use crate::core::state::{AgentState, Job, Member, Outcome, State};
 use crate::peers::PeerTransport;
 use crate::replica::disk::RedbLog;
@@ -12,7 +13,10 @@ use crate::replica::{ProposeError, Replica, ReplicaConfig};
 use crate::{api, data_dir, quic};
 use anyhow::{Context, Result};
 use gantry_protocol::replicated::{self, Command, MemberChange, Op};
-use gantry_protocol::{CoordinatorMessage, GpuSource, SiteKind, Welcome};
+use gantry_protocol::{
+    CoordinatorMessage, FetchLogs, GpuSource, LogSlice, LogStream, LogsError, LogsReply, SiteKind,
+    Welcome,
+};
 use raft::eraftpb::{ConfChange, ConfChangeType, Message};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -20,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Events the loop accepts. A bounded queue: producers wait when the loop is behind.
 pub const EVENT_QUEUE_LEN_MAX: usize = 16 * 1024;
@@ -36,6 +40,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Proposals waiting for commit at once; more are refused with a 503.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
+/// Log reads waiting for their agents' answers at once, in all and per agent; more are refused
+/// with a 503.
+pub const LOG_FETCHES_MAX: usize = 256;
+pub const LOG_FETCHES_PER_AGENT_MAX: usize = 16;
+/// An agent that has not answered a log read in this time is reported as not answering.
+pub const LOG_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -113,6 +123,54 @@ pub enum Answer {
     Policy(gantry_protocol::replicated::Policy),
 }
 
+/// One allocation whose output a log request reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTarget {
+    pub allocation_id: String,
+    pub unit: u32,
+    pub attempt: u32,
+    pub agent_id: String,
+}
+
+/// What a log request reads: one allocation, or a job's allocations by unit, then attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTargets {
+    pub targets: Vec<LogTarget>,
+    /// The job has ended: no allocation will be added.
+    pub job_final: bool,
+}
+
+/// Part of an allocation's output, and whether the allocation has ended in the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogAnswer {
+    pub slice: LogSlice,
+    pub allocation_final: bool,
+}
+
+/// Why a log request could not be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogsRefusal {
+    Unavailable(Unavailable),
+    NoJob {
+        job_id: String,
+    },
+    NoAllocation {
+        job_id: String,
+        allocation_id: String,
+    },
+    /// The agent holding the output cannot be asked now: down, disconnected, silent, or busy.
+    Agent {
+        agent_id: String,
+        message: String,
+    },
+    /// The agent holds no output for the allocation (yet).
+    NoLogs {
+        message: String,
+        allocation_final: bool,
+    },
+    Failed(String),
+}
+
 pub enum Event {
     Registered {
         agent_id: String,
@@ -139,6 +197,26 @@ pub enum Event {
         agent_id: String,
         session_id: u64,
         nodes: Vec<gantry_protocol::NodeCapacity>,
+    },
+    /// An agent answered a log read.
+    Logs {
+        agent_id: String,
+        reply: LogsReply,
+    },
+    /// Which allocations a log request reads (leader only).
+    LogTargets {
+        job_id: String,
+        allocation_id: Option<String>,
+        reply: oneshot::Sender<Result<LogTargets, LogsRefusal>>,
+    },
+    /// Reads part of an allocation's output from its agent (leader only). Answered when the
+    /// agent answers, or after [`LOG_FETCH_TIMEOUT`].
+    FetchLogs {
+        allocation_id: String,
+        stream: LogStream,
+        offset: u64,
+        max_bytes: u32,
+        reply: oneshot::Sender<Result<LogAnswer, LogsRefusal>>,
     },
     PeerMessages(Vec<Message>),
     PeerStatus {
@@ -186,6 +264,13 @@ struct PendingProposal {
     deadline: Instant,
 }
 
+struct PendingFetch {
+    agent_id: String,
+    allocation_id: String,
+    reply: oneshot::Sender<Result<LogAnswer, LogsRefusal>>,
+    deadline: Instant,
+}
+
 struct PendingRead {
     query: Query,
     reply: Reply<Answer>,
@@ -222,6 +307,10 @@ struct Coordinator {
     artifacts: crate::artifacts::ArtifactStore,
     /// Lets this member copy artifacts from the others.
     admin_token: String,
+    /// Log reads sent to agents, by request id.
+    log_fetches: BTreeMap<u64, PendingFetch>,
+    /// The serving routes of the applied state, for the gateway.
+    routes: watch::Sender<Arc<ServingRoutes>>,
 }
 
 impl Coordinator {
@@ -443,8 +532,34 @@ impl Coordinator {
                 {
                     self.sessions.remove(&agent_id);
                     tracing::info!(agent = %agent_id, "agent session ended; down after its TTL unless it reconnects");
+                    let message = format!(
+                        "agent {} disconnected before answering",
+                        self.agent_label(&agent_id)
+                    );
+                    self.fail_log_fetches(
+                        |fetch| fetch.agent_id == agent_id,
+                        |_| LogsRefusal::Agent {
+                            agent_id: agent_id.clone(),
+                            message: message.clone(),
+                        },
+                    );
                 }
             }
+            Event::Logs { agent_id, reply } => self.handle_logs_reply(&agent_id, reply),
+            Event::LogTargets {
+                job_id,
+                allocation_id,
+                reply,
+            } => {
+                let _ = reply.send(self.log_targets(&job_id, allocation_id.as_deref()));
+            }
+            Event::FetchLogs {
+                allocation_id,
+                stream,
+                offset,
+                max_bytes,
+                reply,
+            } => self.handle_fetch_logs(allocation_id, stream, offset, max_bytes, reply),
             Event::AllocationReport { agent_id, report } => {
                 self.handle_allocation_report(&agent_id, report)
             }
@@ -557,6 +672,23 @@ impl Coordinator {
             let read = self.reads.remove(&id).expect("listed above");
             let _ = read.reply.send(Err(Unavailable::Timeout));
         }
+        let timeout = LOG_FETCH_TIMEOUT;
+        let labels: BTreeMap<String, String> = self
+            .log_fetches
+            .values()
+            .filter(|fetch| fetch.deadline <= now)
+            .map(|fetch| (fetch.agent_id.clone(), self.agent_label(&fetch.agent_id)))
+            .collect();
+        self.fail_log_fetches(
+            |fetch| fetch.deadline <= now,
+            |fetch| LogsRefusal::Agent {
+                agent_id: fetch.agent_id.clone(),
+                message: format!(
+                    "agent {} did not answer within {timeout:?}",
+                    labels[&fetch.agent_id]
+                ),
+            },
+        );
         if self.ticks.is_multiple_of(10) {
             self.peers.broadcast_status(self.replica.applied());
         }
@@ -573,6 +705,21 @@ impl Coordinator {
                 .agents
                 .get(&transition.agent_id)
                 .is_some_and(|a| a.state == AgentState::Down);
+            if transition.status == AgentStatus::Down {
+                // Its log reads will not be answered: say so now rather than at their timeout.
+                let agent_id = transition.agent_id.clone();
+                let message = format!(
+                    "agent {} is down: it missed its heartbeats",
+                    self.agent_label(&agent_id)
+                );
+                self.fail_log_fetches(
+                    |fetch| fetch.agent_id == agent_id,
+                    |_| LogsRefusal::Agent {
+                        agent_id: agent_id.clone(),
+                        message: message.clone(),
+                    },
+                );
+            }
             if transition.status == AgentStatus::Down && !recorded_down {
                 tracing::warn!(agent = %transition.agent_id, "agent missed its heartbeats past its TTL: down");
                 let op = Op::AgentDown {
@@ -925,6 +1072,8 @@ impl Coordinator {
         for (_, pending) in std::mem::take(&mut self.pending) {
             let _ = pending.reply.send(Err(Unavailable::Timeout));
         }
+        let not_leader = self.not_leader();
+        self.fail_log_fetches(|_| true, |_| LogsRefusal::Unavailable(not_leader.clone()));
         if self.replica.is_leader() {
             // A new leader gives every known agent a full TTL before it can be declared down.
             self.liveness = LivenessTracker::new();
@@ -993,6 +1142,9 @@ impl Coordinator {
             let read = self.reads.remove(&id).expect("listed above");
             let _ = read.reply.send(Ok(self.answer(&read.query)));
         }
+        if applied_any {
+            self.publish_routes();
+        }
         if self.replica.is_leader() && applied_any {
             self.schedule_pass();
         }
@@ -1004,6 +1156,201 @@ impl Coordinator {
             self.peers.set_members(&self.members_seen);
         }
         Ok(())
+    }
+
+    /// Publishes the serving routes for the gateway when the applied state changed them.
+    fn publish_routes(&self) {
+        let routes = ServingRoutes::from_state(self.state());
+        self.routes.send_if_modified(|current| {
+            if **current == routes {
+                return false;
+            }
+            *current = Arc::new(routes);
+            true
+        });
+    }
+
+    /// `agent-3f9c2b1d (gpu-07)`, or the id alone for an agent the state does not know.
+    fn agent_label(&self, agent_id: &str) -> String {
+        match self.state().agents.get(agent_id) {
+            Some(record) => format!("{agent_id} ({})", record.register.name),
+            None => agent_id.to_string(),
+        }
+    }
+
+    fn log_targets(
+        &self,
+        job_id: &str,
+        allocation_id: Option<&str>,
+    ) -> Result<LogTargets, LogsRefusal> {
+        if !self.replica.is_leader() {
+            return Err(LogsRefusal::Unavailable(self.not_leader()));
+        }
+        let Some(job) = self.state().jobs.get(job_id) else {
+            return Err(LogsRefusal::NoJob {
+                job_id: job_id.to_string(),
+            });
+        };
+        let mut targets: Vec<LogTarget> = self
+            .state()
+            .allocations
+            .values()
+            .filter(|a| a.job_id == job_id)
+            .filter(|a| allocation_id.is_none_or(|id| id == a.id))
+            .map(|a| LogTarget {
+                allocation_id: a.id.clone(),
+                unit: a.unit,
+                attempt: a.attempt,
+                agent_id: a.agent_id.clone(),
+            })
+            .collect();
+        targets.sort_by(|a, b| {
+            (a.unit, a.attempt, &a.allocation_id).cmp(&(b.unit, b.attempt, &b.allocation_id))
+        });
+        if let (Some(allocation_id), true) = (allocation_id, targets.is_empty()) {
+            return Err(LogsRefusal::NoAllocation {
+                job_id: job_id.to_string(),
+                allocation_id: allocation_id.to_string(),
+            });
+        }
+        Ok(LogTargets {
+            targets,
+            job_final: job.state.is_final(),
+        })
+    }
+
+    /// Asks the allocation's agent for a slice of its output; never waits for the agent.
+    fn handle_fetch_logs(
+        &mut self,
+        allocation_id: String,
+        stream: LogStream,
+        offset: u64,
+        max_bytes: u32,
+        reply: oneshot::Sender<Result<LogAnswer, LogsRefusal>>,
+    ) {
+        if !self.replica.is_leader() {
+            let _ = reply.send(Err(LogsRefusal::Unavailable(self.not_leader())));
+            return;
+        }
+        let Some(allocation) = self.state().allocations.get(&allocation_id) else {
+            let _ = reply.send(Err(LogsRefusal::Failed(format!(
+                "no allocation {allocation_id}"
+            ))));
+            return;
+        };
+        let agent_id = allocation.agent_id.clone();
+        let label = self.agent_label(&agent_id);
+        let refuse = |message: String| LogsRefusal::Agent {
+            agent_id: agent_id.clone(),
+            message,
+        };
+        let down = self
+            .state()
+            .agents
+            .get(&agent_id)
+            .is_none_or(|record| record.state == AgentState::Down);
+        let connected = self.sessions.contains_key(&agent_id);
+        let answer = if down {
+            Err(refuse(format!(
+                "agent {label} is down: the output of {allocation_id} stays on its disk and can be read once it is back"
+            )))
+        } else if !connected {
+            Err(refuse(format!(
+                "agent {label} is not connected to the leader right now; retry"
+            )))
+        } else if self.log_fetches.len() >= LOG_FETCHES_MAX
+            || self
+                .log_fetches
+                .values()
+                .filter(|f| f.agent_id == agent_id)
+                .count()
+                >= LOG_FETCHES_PER_AGENT_MAX
+        {
+            Err(refuse(format!(
+                "too many log reads are waiting for agent {label}; retry"
+            )))
+        } else {
+            Ok(())
+        };
+        if let Err(refusal) = answer {
+            let _ = reply.send(Err(refusal));
+            return;
+        }
+        let request_id = self.request_id();
+        let fetch = FetchLogs {
+            request_id,
+            allocation_id: allocation_id.clone(),
+            stream,
+            offset,
+            max_bytes,
+        };
+        let session = self.sessions.get(&agent_id).expect("checked above");
+        if session
+            .outbox
+            .try_send(CoordinatorMessage::FetchLogs(fetch))
+            .is_err()
+        {
+            let _ = reply.send(Err(refuse(format!(
+                "agent {label}'s session is backed up; retry"
+            ))));
+            return;
+        }
+        self.log_fetches.insert(
+            request_id,
+            PendingFetch {
+                agent_id,
+                allocation_id,
+                reply,
+                deadline: Instant::now() + LOG_FETCH_TIMEOUT,
+            },
+        );
+    }
+
+    fn handle_logs_reply(&mut self, agent_id: &str, reply: LogsReply) {
+        let Some(fetch) = self.log_fetches.remove(&reply.request_id) else {
+            return;
+        };
+        if fetch.agent_id != agent_id {
+            tracing::warn!(agent = %agent_id, request = reply.request_id, "ignoring a log reply to a request sent to another agent");
+            self.log_fetches.insert(reply.request_id, fetch);
+            return;
+        }
+        let allocation_final = self
+            .state()
+            .allocations
+            .get(&fetch.allocation_id)
+            .is_some_and(|a| a.is_final());
+        let answer = match reply.result {
+            Ok(slice) => Ok(LogAnswer {
+                slice,
+                allocation_final,
+            }),
+            Err(LogsError::NotFound(message)) => Err(LogsRefusal::NoLogs {
+                message,
+                allocation_final,
+            }),
+            Err(LogsError::Failed(message)) => Err(LogsRefusal::Failed(message)),
+        };
+        let _ = fetch.reply.send(answer);
+    }
+
+    /// Answers the log reads `which` selects with `refusal`.
+    fn fail_log_fetches(
+        &mut self,
+        which: impl Fn(&PendingFetch) -> bool,
+        refusal: impl Fn(&PendingFetch) -> LogsRefusal,
+    ) {
+        let ids: Vec<u64> = self
+            .log_fetches
+            .iter()
+            .filter(|(_, fetch)| which(fetch))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let fetch = self.log_fetches.remove(&id).expect("listed above");
+            let refusal = refusal(&fetch);
+            let _ = fetch.reply.send(Err(refusal));
+        }
     }
 
     fn cluster_view(&self) -> ClusterView {
@@ -1224,10 +1571,13 @@ pub async fn run_with(
     let quic_task = AbortOnDrop(tokio::spawn(quic::serve(endpoint.clone(), quic_context)));
     let artifacts = crate::artifacts::ArtifactStore::open(&config.data_dir)
         .context("open the artifact store")?;
+    let (routes, routes_rx) =
+        watch::channel(Arc::new(ServingRoutes::from_state(replica.machine())));
     let api_state = Arc::new(api::ApiState::new(
         &files,
         events_tx.clone(),
         artifacts.clone(),
+        routes_rx,
     ));
     listeners
         .http
@@ -1270,6 +1620,8 @@ pub async fn run_with(
         place_in_flight: None,
         assigned: BTreeSet::new(),
         stopped: BTreeSet::new(),
+        log_fetches: BTreeMap::new(),
+        routes,
     };
     drop(events_tx);
     if bootstrap {

@@ -94,6 +94,10 @@ pub struct Register {
     pub nodes: Vec<NodeCapacity>,
     /// Ports the coordinator may give serving replicas on this agent's hosts, inclusive.
     pub serving_ports: (u16, u16),
+    /// Where others reach this agent's serving replicas (a host name or IP address, no port):
+    /// the config's `advertise_address`, else the local address of the agent's connection to the
+    /// coordinator. The serving gateway sends requests to `http://{address}:{port}`.
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,13 +170,59 @@ pub enum LogStream {
     Stderr,
 }
 
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// The most a [`LogSlice`] carries, well under the 4 MiB frame: the agent cuts larger requests
+/// down to this, so a log reply never holds up the control stream for long.
+pub const LOG_SLICE_BYTES_MAX: u32 = 1024 * 1024;
+
+/// Asks an agent for part of an allocation's output, kept on its disk. Answered by one
+/// [`AgentMessage::Logs`] with the same `request_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogChunk {
+pub struct FetchLogs {
+    pub request_id: u64,
     pub allocation_id: AllocationId,
     pub stream: LogStream,
-    /// Byte offset of `data` within the allocation's stream.
+    /// Byte offset within the stream, counted from the unit's first byte of output.
+    pub offset: u64,
+    /// At most this many bytes (the agent caps it at [`LOG_SLICE_BYTES_MAX`]).
+    pub max_bytes: u32,
+}
+
+/// Part of an allocation's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSlice {
+    /// Where `data` starts in the stream: the offset asked for, or, when the bytes there were
+    /// already rotated away, the oldest byte still kept (then `offset` is larger than asked).
     pub offset: u64,
     pub data: Vec<u8>,
+    /// The offset just after the last byte the stream holds so far.
+    pub end_offset: u64,
+    /// The unit was not running on the agent when it read, and `data` reaches `end_offset`:
+    /// no more output will come.
+    pub ended: bool,
+}
+
+/// Why an agent could not read an allocation's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogsError {
+    /// The agent holds no output for the allocation (it never started here, or was cleaned up).
+    NotFound(String),
+    /// Reading failed, or the agent is busy with other reads.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsReply {
+    pub request_id: u64,
+    pub result: Result<LogSlice, LogsError>,
 }
 
 /// Agent to coordinator, on the control stream.
@@ -181,7 +231,8 @@ pub enum AgentMessage {
     Register(Register),
     Heartbeat(Heartbeat),
     AllocationState(AllocationStateReport),
-    LogChunk(LogChunk),
+    /// The answer to a [`CoordinatorMessage::FetchLogs`].
+    Logs(LogsReply),
     /// Asks for a fresh certificate for the same identity and a new key.
     RenewCertificate {
         csr_der: Vec<u8>,
@@ -252,6 +303,8 @@ pub enum CoordinatorMessage {
     Certificate {
         cert_der: Vec<u8>,
     },
+    /// Asks for part of an allocation's output; answered by an [`AgentMessage::Logs`].
+    FetchLogs(FetchLogs),
     /// The coordinator is closing the session because of this.
     Error(WireError),
 }
@@ -430,6 +483,7 @@ mod tests {
             }],
             nodes: vec![node()],
             serving_ports: (31_000, 32_999),
+            address: Some("10.0.0.7".into()),
         }));
         round_trip(AgentMessage::Heartbeat(Heartbeat { seq: u64::MAX }));
         for phase in [
@@ -459,15 +513,37 @@ mod tests {
             }));
         }
         round_trip(AgentMessage::Nodes(vec![node(), node()]));
-        round_trip(AgentMessage::LogChunk(LogChunk {
-            allocation_id: "a-1".into(),
-            stream: LogStream::Stderr,
-            offset: 4096,
-            data: b"epoch 1 loss 0.31\n".to_vec(),
+        round_trip(AgentMessage::Logs(LogsReply {
+            request_id: 7,
+            result: Ok(LogSlice {
+                offset: 4096,
+                data: b"epoch 1 loss 0.31\n".to_vec(),
+                end_offset: 4114,
+                ended: false,
+            }),
+        }));
+        round_trip(AgentMessage::Logs(LogsReply {
+            request_id: 8,
+            result: Err(LogsError::NotFound("no logs for a-1".into())),
         }));
         round_trip(AgentMessage::RenewCertificate {
             csr_der: vec![0x30, 0x82, 1, 2],
         });
+    }
+
+    #[test]
+    fn the_largest_log_slice_fits_in_a_frame() {
+        let reply = AgentMessage::Logs(LogsReply {
+            request_id: u64::MAX,
+            result: Ok(LogSlice {
+                offset: u64::MAX,
+                data: vec![0xff; LOG_SLICE_BYTES_MAX as usize],
+                end_offset: u64::MAX,
+                ended: true,
+            }),
+        });
+        let frame = encode(&reply).unwrap();
+        assert!(frame.len() < crate::FRAME_BYTES_MAX / 2, "{}", frame.len());
     }
 
     #[test]
@@ -502,6 +578,13 @@ mod tests {
         round_trip(CoordinatorMessage::Certificate {
             cert_der: vec![1, 2, 3],
         });
+        round_trip(CoordinatorMessage::FetchLogs(FetchLogs {
+            request_id: 7,
+            allocation_id: "a-1".into(),
+            stream: LogStream::Stdout,
+            offset: 0,
+            max_bytes: 256 * 1024,
+        }));
         round_trip(CoordinatorMessage::Error(WireError {
             code: ErrorCode::InvalidMessage,
             message: "register expected first".into(),

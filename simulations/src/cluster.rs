@@ -172,6 +172,7 @@ fn register(name: &str, n_gpus: u32) -> gantry_protocol::Register {
             detail: "sim".into(),
         }],
         serving_ports: (31_000, 32_999),
+        address: None,
         nodes: vec![gantry_protocol::NodeCapacity {
             name: "local".into(),
             hostname: name.into(),

@@ -34,10 +34,12 @@
 //! user mapping (a unit running as a non-root user may not be able to write the allocation
 //! directory, which belongs to the agent's user).
 
-use super::logs::{is_safe_allocation_id, read_logs, BoundedLog, STDERR_LOG, STDOUT_LOG};
+use super::logs::{
+    is_safe_allocation_id, read_logs, read_logs_from, BoundedLog, STDERR_LOG, STDOUT_LOG,
+};
 use super::{
-    gantry_env, visible_devices, BoxFuture, Exit, GpuAssignment, Recovered, Runtime, RuntimeConfig,
-    RuntimeError, RuntimeEvent, UnitSpec,
+    gantry_env, visible_devices, BoxFuture, Exit, GpuAssignment, LogRead, Recovered, Runtime,
+    RuntimeConfig, RuntimeError, RuntimeEvent, UnitSpec,
 };
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
@@ -121,6 +123,8 @@ struct Inner {
     /// Absolute: it is bind-mounted and it names this agent in the containers' labels.
     work_root: PathBuf,
     log_bytes_max: u64,
+    /// Held for writing while a log rotates, for reading while a log is read.
+    log_rotation: Arc<tokio::sync::RwLock<()>>,
     events: mpsc::UnboundedSender<RuntimeEvent>,
     state: Mutex<State>,
 }
@@ -157,6 +161,7 @@ impl DockerRuntime {
                 docker,
                 work_root,
                 log_bytes_max: config.log_bytes_max,
+                log_rotation: Arc::default(),
                 events,
                 state: Mutex::new(State::default()),
             }),
@@ -220,9 +225,31 @@ impl Runtime for DockerRuntime {
         bytes: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
         let allocation_id = allocation_id.to_owned();
-        Box::pin(
-            async move { read_logs(&self.inner.work_root, &allocation_id, stderr, bytes).await },
-        )
+        Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
+            read_logs(&self.inner.work_root, &allocation_id, stderr, bytes).await
+        })
+    }
+
+    fn logs_from(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        offset: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<LogRead, RuntimeError>> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
+            read_logs_from(
+                &self.inner.work_root,
+                &allocation_id,
+                stderr,
+                offset,
+                max_bytes,
+            )
+            .await
+        })
     }
 
     /// Stops watching; the containers run on, for the next start of the agent to adopt.
@@ -687,6 +714,7 @@ async fn watch_container(
         &container_id,
         &alloc_dir,
         inner.log_bytes_max,
+        &inner.log_rotation,
         &allocation_id,
     );
     tokio::pin!(follow);
@@ -876,6 +904,7 @@ async fn follow_logs(
     container_id: &str,
     alloc_dir: &Path,
     log_bytes_max: u64,
+    rotation: &Arc<tokio::sync::RwLock<()>>,
     allocation_id: &str,
 ) {
     let cursor_path = alloc_dir.join(LOG_CURSOR_FILE);
@@ -884,8 +913,8 @@ async fn follow_logs(
         .ok()
         .and_then(|text| parse_timestamp(text.trim()));
     let mut logs = match (
-        BoundedLog::open(alloc_dir, STDOUT_LOG, log_bytes_max).await,
-        BoundedLog::open(alloc_dir, STDERR_LOG, log_bytes_max).await,
+        BoundedLog::open(alloc_dir, STDOUT_LOG, log_bytes_max, rotation).await,
+        BoundedLog::open(alloc_dir, STDERR_LOG, log_bytes_max, rotation).await,
     ) {
         (Ok(stdout), Ok(stderr)) => [stdout, stderr],
         (Err(e), _) | (_, Err(e)) => {

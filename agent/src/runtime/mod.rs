@@ -202,6 +202,41 @@ pub struct RuntimeConfig {
     pub log_bytes_max: u64,
 }
 
+/// What [`Runtime::logs_from`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRead {
+    /// Where `data` starts: the offset asked for, or the oldest byte kept when that is later.
+    pub offset: u64,
+    pub data: Vec<u8>,
+    /// The offset just after the last byte written so far.
+    pub end_offset: u64,
+}
+
+impl LogRead {
+    /// Up to `max_bytes` from `offset` of a stream whose kept bytes are `kept`, the first of
+    /// them at `kept_from`. An offset before `kept_from` starts at `kept_from`; one past the end
+    /// reads nothing.
+    pub fn slice_of(kept: &[u8], offset: u64, max_bytes: u64) -> Self {
+        Self::slice_of_kept(kept, 0, offset, max_bytes)
+    }
+
+    pub fn slice_of_kept(kept: &[u8], kept_from: u64, offset: u64, max_bytes: u64) -> Self {
+        let end_offset = kept_from + kept.len() as u64;
+        let start = offset.clamp(kept_from, end_offset);
+        let stop = start.saturating_add(max_bytes).min(end_offset);
+        Self {
+            offset: start,
+            data: kept[(start - kept_from) as usize..(stop - kept_from) as usize].to_vec(),
+            end_offset,
+        }
+    }
+
+    /// Bytes between `asked` and the start of `data` that were dropped before they were read.
+    pub fn skipped_bytes(&self, asked: u64) -> u64 {
+        self.offset.saturating_sub(asked)
+    }
+}
+
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
 
@@ -240,9 +275,63 @@ pub trait Runtime: Send + Sync {
         bytes: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>>;
 
+    /// Up to `max_bytes` of a unit's stdout or stderr from byte `offset`, counted from the unit's
+    /// first byte of output (offsets stay valid as the runtime drops old output). When the bytes
+    /// at `offset` were dropped, the read starts at the oldest byte kept.
+    ///
+    /// The default reads everything [`Runtime::logs`] returns and takes it as the whole output
+    /// from offset 0: right for a runtime that keeps all of it. A runtime that drops old output
+    /// (the process runtime rotates its files) overrides this to keep offsets stable.
+    fn logs_from(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        offset: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<LogRead, RuntimeError>> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            let all = self.logs(&allocation_id, stderr, u64::MAX).await?;
+            Ok(LogRead::slice_of(&all, offset, max_bytes))
+        })
+    }
+
     /// The agent is exiting. The process runtime stops every unit (with `grace`), since nothing
     /// it starts may outlive the agent. The container runtimes (Docker, Kubernetes) leave their
     /// work running and only stop watching it: the next start of the agent adopts it through
     /// [`Runtime::recover`] (as Nomad's task drivers do).
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogRead;
+
+    #[test]
+    fn a_slice_starts_at_the_oldest_kept_byte_and_stops_at_the_end() {
+        let kept = b"abcdefghij";
+        // (kept from, asked offset, max bytes) -> (offset read from, data)
+        for (kept_from, asked, max_bytes, from, data) in [
+            (0, 0, 4, 0, &b"abcd"[..]),
+            (0, 8, 4, 8, b"ij"),
+            (0, 10, 4, 10, b""),
+            (0, 99, 4, 10, b""),
+            (100, 0, 3, 100, b"abc"),
+            (100, 105, 100, 105, b"fghij"),
+            (100, 105, 0, 105, b""),
+        ] {
+            let read = LogRead::slice_of_kept(kept, kept_from, asked, max_bytes);
+            assert_eq!(
+                (read.offset, read.data.as_slice()),
+                (from, data),
+                "asked {asked}"
+            );
+            assert_eq!(read.end_offset, kept_from + 10);
+        }
+        assert_eq!(
+            LogRead::slice_of_kept(kept, 100, 0, 3).skipped_bytes(0),
+            100
+        );
+        assert_eq!(LogRead::slice_of(kept, 2, 3).data, b"cde");
+    }
 }

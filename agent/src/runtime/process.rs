@@ -22,14 +22,15 @@
 //! `GANTRY_OUTPUT_DIR`. Nothing else of the agent's environment is passed on, in particular no
 //! `GANTRY_*` variable (the join token may be one).
 //!
-//! Logs: stdout and stderr go to bounded files in the allocation's directory (see
-//! [`super::logs`]).
+//! Logs: stdout and stderr go to bounded files in the allocation's directory, with offsets
+//! stable across rotations (see [`super::logs`]).
 
 use super::logs::{
-    is_safe_allocation_id, read_logs, BoundedLog, ALLOCATION_ID_BYTES_MAX, STDERR_LOG, STDOUT_LOG,
+    is_safe_allocation_id, read_logs, read_logs_from, BoundedLog, ALLOCATION_ID_BYTES_MAX,
+    STDERR_LOG, STDOUT_LOG,
 };
 use super::{
-    gantry_env, visible_devices, BoxFuture, Exit, Runtime, RuntimeConfig, RuntimeError,
+    gantry_env, visible_devices, BoxFuture, Exit, LogRead, Runtime, RuntimeConfig, RuntimeError,
     RuntimeEvent, UnitSpec,
 };
 use gantry_protocol::RuntimeKind;
@@ -43,7 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, RwLock};
 use tokio::task::JoinHandle;
 
 /// The agent variables a unit inherits; everything else of the agent's environment is withheld.
@@ -89,6 +90,9 @@ struct Inner {
     /// and `stop`, `running` and `shutdown` never see a half-started unit.
     units: Mutex<BTreeMap<String, UnitHandle>>,
     shutting_down: AtomicBool,
+    /// Held for writing while a log rotates (rare: once per `log_bytes_max` of output), for
+    /// reading while logs are read.
+    log_rotation: Arc<RwLock<()>>,
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
@@ -129,6 +133,7 @@ impl ProcessRuntime {
                 events,
                 units: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
+                log_rotation: Arc::new(RwLock::new(())),
             }),
             spawner,
         }
@@ -180,7 +185,29 @@ impl Runtime for ProcessRuntime {
     ) -> BoxFuture<'_, Result<Vec<u8>, RuntimeError>> {
         let allocation_id = allocation_id.to_owned();
         Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
             read_logs(&self.inner.config.work_root, &allocation_id, stderr, bytes).await
+        })
+    }
+
+    fn logs_from(
+        &self,
+        allocation_id: &str,
+        stderr: bool,
+        offset: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<LogRead, RuntimeError>> {
+        let allocation_id = allocation_id.to_owned();
+        Box::pin(async move {
+            let _reading = self.inner.log_rotation.read().await;
+            read_logs_from(
+                &self.inner.config.work_root,
+                &allocation_id,
+                stderr,
+                offset,
+                max_bytes,
+            )
+            .await
         })
     }
 
@@ -437,10 +464,11 @@ async fn start_unit(
         )
     })?;
     let log_bytes_max = inner.config.log_bytes_max;
-    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max)
+    let rotation = &inner.log_rotation;
+    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max, rotation)
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDOUT_LOG}: {e}")))?;
-    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max)
+    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max, rotation)
         .await
         .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
 
@@ -1028,6 +1056,86 @@ mod tests {
         assert_eq!(h.runtime.logs("chatty", true, 100).await.unwrap(), b"");
         assert!(h.runtime.logs("unknown", false, 100).await.is_err());
         assert!(h.runtime.logs("../chatty", false, 100).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn offsets_stay_stable_across_rotations() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let output: Vec<u8> = (0..125_000u64)
+            .flat_map(|word| format!("{word:07}\n").into_bytes())
+            .chain(*b"end")
+            .collect();
+        let source = h.dir.path().join("output.txt");
+        std::fs::write(&source, &output).unwrap();
+        let exit = h
+            .run_to_exit(unit("chatty", &["cat", source.to_str().unwrap()]))
+            .await;
+        assert_eq!(exit, Exit::Code(0));
+        let work_dir = h.work_root.join("chatty");
+        let newest_len = std::fs::metadata(work_dir.join(STDOUT_LOG)).unwrap().len();
+        let older_len = std::fs::metadata(work_dir.join(format!("{STDOUT_LOG}{ROTATED_SUFFIX}")))
+            .unwrap()
+            .len();
+        let end = output.len() as u64;
+        let base = end - newest_len;
+        let kept_from = base - older_len;
+
+        // (asked offset, max bytes) -> (offset read from, bytes read)
+        for (asked, max_bytes, from, n_bytes) in [
+            (0, 100, kept_from, 100),
+            (kept_from + 5, 100, kept_from + 5, 100),
+            (base - 10, 20, base - 10, 20),
+            (end - 3, 100, end - 3, 3),
+            (end, 100, end, 0),
+            (end + 50, 100, end, 0),
+        ] {
+            let read = h
+                .runtime
+                .logs_from("chatty", false, asked, max_bytes)
+                .await
+                .unwrap();
+            assert_eq!((read.offset, read.end_offset), (from, end), "asked {asked}");
+            assert_eq!(
+                read.data,
+                &output[from as usize..(from + n_bytes) as usize],
+                "asked {asked}"
+            );
+        }
+        let stderr = h.runtime.logs_from("chatty", true, 0, 100).await.unwrap();
+        assert_eq!(
+            (stderr.offset, stderr.end_offset, stderr.data.len()),
+            (0, 0, 0)
+        );
+        assert!(h.runtime.logs_from("unknown", false, 0, 100).await.is_err());
+        assert!(h
+            .runtime
+            .logs_from("../chatty", false, 0, 100)
+            .await
+            .is_err());
+
+        // Read while the unit writes and rotates: every byte read is the byte at its offset.
+        h.runtime
+            .start(unit("racer", &["cat", source.to_str().unwrap()]))
+            .await
+            .unwrap();
+        h.expect_started("racer").await;
+        let deadline = Instant::now() + EVENT_WAIT;
+        let mut offset = 0;
+        let mut n_reads = 0;
+        while offset < end {
+            assert!(Instant::now() < deadline, "reading stopped at {offset}");
+            let read = h
+                .runtime
+                .logs_from("racer", false, offset, 4096)
+                .await
+                .unwrap();
+            let at = read.offset as usize;
+            assert_eq!(read.data, &output[at..at + read.data.len()], "at {at}");
+            offset = read.offset + read.data.len() as u64;
+            n_reads += 1;
+        }
+        assert!(n_reads > 1);
+        h.expect_exited("racer").await;
     }
 
     #[tokio::test]

@@ -1,10 +1,14 @@
-//! The HTTP API (axum): deny by default, a bearer token on everything but `/healthz` and the
-//! OpenAPI document. Writes go through Raft on the leader (a follower forwards them there);
-//! reads are linearizable through ReadIndex unless `?stale=true`.
+//! The HTTP API (axum): deny by default, a bearer token on everything but `/healthz`, the
+//! OpenAPI document and the serving gateway (`/serve/...`, see [`gateway`]). Writes go through
+//! Raft on the leader (a follower forwards them there); reads are linearizable through ReadIndex
+//! unless `?stale=true`; job logs are read from the agents by the leader ([`logs`]).
 
+pub mod gateway;
+pub mod logs;
 pub mod openapi;
 pub mod types;
 
+use crate::core::serving::ServingRoutes;
 use crate::core::state::Outcome;
 use crate::data_dir::ClusterFiles;
 use crate::server::{Answer, Event, Handle, Query, Unavailable};
@@ -13,16 +17,17 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use gantry_protocol::jobspec::{self, JobSpec};
 use gantry_protocol::replicated::Op;
 use gantry_protocol::token::JoinToken;
 use gantry_protocol::Role;
 use ring::digest::{digest, SHA256};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use types::*;
 
 /// Request bodies larger than this are refused with 413.
@@ -42,6 +47,20 @@ pub struct ApiState {
     pub ca_sha256_hex: String,
     http: reqwest::Client,
     artifacts: crate::artifacts::ArtifactStore,
+    /// For answers that stream (log streams relayed from the leader, the gateway): no overall
+    /// timeout, no redirects followed.
+    stream_http: reqwest::Client,
+    /// For the gateway: as `stream_http`, and a new connection per request (as nginx does by
+    /// default), so that no request goes out on a kept connection to a replica that has died.
+    gateway_http: reqwest::Client,
+    /// The serving routes of this coordinator's applied state.
+    routes: watch::Receiver<Arc<ServingRoutes>>,
+    /// The gateway's round-robin position per serving job.
+    gateway_cursors: Mutex<BTreeMap<String, u64>>,
+    gateway_requests: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies the gateway may hold at once.
+    gateway_buffered: Arc<tokio::sync::Semaphore>,
+    log_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -49,6 +68,7 @@ impl ApiState {
         files: &ClusterFiles,
         handle: Handle,
         artifacts: crate::artifacts::ArtifactStore,
+        routes: watch::Receiver<Arc<ServingRoutes>>,
     ) -> Self {
         Self {
             artifacts,
@@ -63,6 +83,24 @@ impl ApiState {
                 .timeout(Duration::from_secs(15))
                 .build()
                 .expect("an HTTP client with default TLS builds"),
+            stream_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client with default TLS builds"),
+            gateway_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("an HTTP client with default TLS builds"),
+            routes,
+            gateway_cursors: Mutex::new(BTreeMap::new()),
+            gateway_requests: Arc::new(tokio::sync::Semaphore::new(gateway::GATEWAY_REQUESTS_MAX)),
+            gateway_buffered: Arc::new(tokio::sync::Semaphore::new(
+                gateway::GATEWAY_BUFFERED_BYTES_MAX,
+            )),
+            log_streams: Arc::new(tokio::sync::Semaphore::new(logs::LOG_STREAMS_MAX)),
         }
     }
 }
@@ -91,7 +129,7 @@ impl ApiError {
         error
     }
 
-    fn no_job(job_id: &str) -> Self {
+    pub(crate) fn no_job(job_id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -108,7 +146,7 @@ impl ApiError {
         )
     }
 
-    fn unavailable(message: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 }
@@ -151,6 +189,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/jobs/{id}/artifacts/{name}", get(get_job_artifact))
         .route("/v1/artifacts/{sha256}", get(get_artifact))
         .route("/v1/policy", get(get_policy).put(set_policy))
+        .route("/v1/jobs/{id}/logs", get(logs::job_logs))
+        .route("/v1/endpoints", get(list_endpoints))
         .route("/v1/quotas", get(list_quotas))
         .route("/v1/quotas/{team}", axum::routing::put(set_quota))
         .route("/v1/cluster", get(cluster_status))
@@ -159,6 +199,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi::document))
+        .route("/serve/{name}", any(gateway::serve))
+        .route("/serve/{name}/", any(gateway::serve))
+        .route("/serve/{name}/{*rest}", any(gateway::serve))
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -275,6 +318,54 @@ async fn forward(
         .into_response(),
     }
 }
+
+/// Sends a request to the leader when this node does not lead, once, and relays the answer as
+/// it comes (a log stream).
+async fn forward_stream<G: Send + 'static>(
+    state: &ApiState,
+    leader_http: &str,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    guard: G,
+) -> Response {
+    if headers.contains_key(FORWARDED_HEADER) {
+        return ApiError::unavailable("leadership is changing; retry").into_response();
+    }
+    let mut request = state
+        .stream_http
+        .request(method, format!("http://{leader_http}{path}"))
+        .header(FORWARDED_HEADER, "1");
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        request = request.header(header::AUTHORIZATION, value);
+    }
+    let answer = match tokio::time::timeout(REQUEST_TIMEOUT_FORWARDED, request.send()).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            return ApiError::unavailable(format!(
+                "could not reach the leader at {leader_http}: {e}; retry"
+            ))
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::unavailable(format!(
+                "the leader at {leader_http} did not answer in time; retry"
+            ))
+            .into_response()
+        }
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response_headers = HeaderMap::new();
+    for (name, value) in answer.headers() {
+        if name == header::CONTENT_TYPE || name.as_str().starts_with("x-gantry-") {
+            response_headers.insert(name.clone(), value.clone());
+        }
+    }
+    (status, response_headers, gateway::relay(answer, guard)).into_response()
+}
+
+/// How long a forwarded request waits for the leader's answer to begin.
+const REQUEST_TIMEOUT_FORWARDED: Duration = Duration::from_secs(15);
 
 /// Proposes `op`; on a follower, forwards the request that asked for it to the leader.
 async fn write(
@@ -780,6 +871,36 @@ async fn explain_job(
         Answer::Explain(None, _) => Err(ApiError::no_job(&id)),
         _ => unreachable!("an explain query answers an explanation"),
     }
+}
+
+/// The serving jobs as this coordinator's gateway routes them (its applied state: no leader
+/// round trip, as stale as the gateway itself).
+async fn list_endpoints(State(state): State<Arc<ApiState>>) -> Json<Vec<EndpointView>> {
+    let routes = state.routes.borrow().clone();
+    Json(
+        routes
+            .jobs
+            .iter()
+            .map(|job| EndpointView {
+                name: job.name.clone(),
+                job: job.job_id.clone(),
+                path: format!("/serve/{}/", job.name),
+                routed: job.routed,
+                replicas: job
+                    .replicas
+                    .iter()
+                    .map(|r| ReplicaView {
+                        allocation: r.allocation_id.clone(),
+                        unit: r.unit,
+                        agent: r.agent_id.clone(),
+                        address: r.address.clone(),
+                        state: r.state.into(),
+                        healthy: r.healthy,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    )
 }
 
 async fn list_quotas(

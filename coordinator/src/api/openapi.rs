@@ -24,6 +24,24 @@ fn stale_parameter() -> Value {
             "description": "Answer from this member's state without confirming leadership (may be behind)." })
 }
 
+/// The gateway takes any method; documented as the common ones.
+fn gateway_path() -> Value {
+    let operation = json!({
+        "security": [],
+        "summary": "The serving gateway: the request goes to /{rest} (query kept) on a healthy replica of the running serving job `name`, round robin; a refused connection moves on to the next replica.",
+        "description": "Not behind the bearer token (the admin token is never passed on). Request bodies are read whole, at most 8 MiB; answers stream back as they come, with `x-gantry-allocation` naming the replica. Any coordinator serves it from its own replicated state (at most a commit behind the leader).",
+        "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "responses": { "default": { "description": "The replica's answer." },
+            "404": error_response("No running serving job of this name."),
+            "413": error_response("Request body over 8 MiB."),
+            "502": error_response("The replica failed mid-answer."),
+            "503": error_response("No healthy replica, none accepted the connection, or the gateway is at its limits (1,024 requests, 64 MiB of bodies)."),
+            "504": error_response("The replica did not start answering within 300 s.") }
+    });
+    json!({ "get": operation.clone(), "post": operation.clone(), "put": operation.clone(), "delete": operation.clone(),
+            "patch": operation.clone(), "head": operation.clone(), "options": operation })
+}
+
 pub fn spec() -> Value {
     let unauthorized = error_response("Missing or wrong bearer token.");
     let unavailable = error_response(
@@ -55,7 +73,14 @@ pub fn spec() -> Value {
                         "addr": { "type": "string" }, "http_addr": { "type": "string" }, "role": { "enum": ["voter", "learner"] },
                         "applied_index": { "type": ["integer", "null"] } } } } } },
                 "TokenRequest": { "type": "object", "required": ["role"], "properties": { "role": { "enum": ["agent", "coordinator"] }, "ttl_seconds": { "type": "integer", "minimum": 1 } } },
-                "Token": { "type": "object", "properties": { "token": { "type": "string" }, "role": { "type": "string" }, "expires_at_unix_s": { "type": "integer" } } }
+                "Token": { "type": "object", "properties": { "token": { "type": "string" }, "role": { "type": "string" }, "expires_at_unix_s": { "type": "integer" } } },
+                "Endpoint": { "type": "object", "properties": { "name": { "type": "string" }, "job": { "type": "string" },
+                    "path": { "type": "string", "description": "/serve/{name}/ on any coordinator." },
+                    "routed": { "type": "boolean", "description": "False when a newer serving job of the same name takes the path." },
+                    "replicas": { "type": "array", "items": { "type": "object", "properties": { "allocation": { "type": "string" },
+                        "unit": { "type": "integer" }, "agent": { "type": "string" },
+                        "address": { "type": ["string", "null"], "description": "host:port the gateway sends requests to." },
+                        "state": { "enum": ["pending", "running", "healthy"] }, "healthy": { "type": "boolean", "description": "Takes traffic." } } } } } }
             }
         },
         "security": [{ "bearer": [] }],
@@ -105,6 +130,27 @@ pub fn spec() -> Value {
                 "put": { "summary": "Replace the cluster policy.",
                     "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["require_digest"], "properties": { "require_digest": { "type": "boolean" } } } } } },
                     "responses": { "200": ok("The policy now.", json!({ "type": "object" })), "400": error_response("Bad body."), "401": unauthorized.clone(), "503": unavailable.clone() } } },
+            "/v1/jobs/{id}/logs": { "get": {
+                "summary": "A job's output, read from the agents that ran it (kept on their disks, bounded). Streamed (chunked) as raw bytes.",
+                "description": "With `allocation`: that allocation's bytes from `offset`; `x-gantry-log-offset` says where the first byte is (later than asked when older output was rotated away). Without it: each allocation of the job in unit order, then attempt order, each after a line `==> ALLOCATION (unit U, attempt A) <==`. With `follow=true` the stream stays open until the allocation (or the job and each of its allocations) has ended and its last byte is sent; a stream that breaks off (the agent or the leader went away) ends without the final chunk. Any member answers; followers relay the leader's stream.",
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } },
+                    { "name": "allocation", "in": "query", "required": false, "schema": { "type": "string" } },
+                    { "name": "stream", "in": "query", "required": false, "schema": { "enum": ["stdout", "stderr"], "default": "stdout" } },
+                    { "name": "offset", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0, "default": 0 }, "description": "Byte offset within the allocation's stream; needs `allocation`." },
+                    { "name": "follow", "in": "query", "required": false, "schema": { "type": "boolean", "default": false } }],
+                "responses": { "200": { "description": "The output.", "headers": {
+                        "x-gantry-log-offset": { "schema": { "type": "integer" }, "description": "Offset of the first byte (with `allocation`)." },
+                        "x-gantry-log-allocation": { "schema": { "type": "string" } } },
+                        "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
+                    "400": error_response("A bad parameter; `field` names it."),
+                    "404": error_response("No such job, no such allocation of it, or its agent holds no output for it."),
+                    "401": unauthorized.clone(),
+                    "503": error_response("No leader, too many streams, or the allocation's agent is down, disconnected or did not answer in 5 s (the message names the agent).") } } },
+            "/v1/endpoints": { "get": { "summary": "Serving jobs, their gateway paths and replicas, as this coordinator's gateway routes them (its applied state).",
+                "responses": { "200": ok("Endpoints.", array_of("Endpoint")), "401": unauthorized.clone() } } },
+            "/serve/{name}": gateway_path(),
+            "/serve/{name}/": gateway_path(),
+            "/serve/{name}/{*rest}": gateway_path(),
             "/v1/quotas": { "get": { "summary": "GPU quota per team.", "parameters": [stale_parameter()],
                 "responses": { "200": ok("Team to GPUs.", json!({ "type": "object", "additionalProperties": { "type": "integer" } })), "401": unauthorized.clone(), "503": unavailable.clone() } } },
             "/v1/quotas/{team}": { "put": { "summary": "Set a team's GPU quota (null removes it).",

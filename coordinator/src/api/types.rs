@@ -253,3 +253,29 @@ pub struct ClusterView {
     pub commit_index: u64,
     pub members: Vec<MemberView>,
 }
+
+/// A serving job as the gateway sees it (`GET /v1/endpoints`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub name: String,
+    pub job: String,
+    /// Where the gateway of any coordinator serves it: `/serve/{name}/`.
+    pub path: String,
+    /// False when a newer serving job of the same name takes the path.
+    pub routed: bool,
+    /// Replicas that have not ended.
+    pub replicas: Vec<ReplicaView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub allocation: String,
+    pub unit: u32,
+    pub agent: String,
+    /// `host:port` the gateway sends requests to; absent while unknown.
+    pub address: Option<String>,
+    /// `pending`, `running` or `healthy`.
+    pub state: String,
+    /// Takes traffic from the gateway.
+    pub healthy: bool,
+}

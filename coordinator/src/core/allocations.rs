@@ -800,6 +800,7 @@ mod tests {
                     detail: String::new(),
                 }],
                 serving_ports: (31_000, 32_999),
+                address: None,
                 nodes: vec![NodeCapacity {
                     name: "local".into(),
                     hostname: "host".into(),

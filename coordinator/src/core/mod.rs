@@ -4,4 +4,5 @@ pub mod allocations;
 pub mod artifacts;
 pub mod liveness;
 pub mod scheduler;
+pub mod serving;
 pub mod state;
