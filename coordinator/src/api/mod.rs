@@ -343,6 +343,8 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
                     .max(job.restarts),
                 stop_requested: a.stop_requested,
                 generation: a.generation,
+                started_at_unix_ms: a.started_at_unix_ms,
+                ended_at_unix_ms: a.ended_at_unix_ms,
             }
         })
         .collect();

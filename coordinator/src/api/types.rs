@@ -182,6 +182,13 @@ pub struct AllocationView {
     pub stop_requested: bool,
     /// The job's spec generation this allocation runs.
     pub generation: u32,
+    /// When the unit was first reported running, and when it reached its final state (the
+    /// leader's clock, Unix milliseconds); absent until then, and `started` absent for a unit
+    /// that ended without starting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
