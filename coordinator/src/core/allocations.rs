@@ -1009,7 +1009,7 @@ mod tests {
         world.apply(update("b-0-1", AllocationPhase::Running)); // at 4000
         world.apply(update("b-0-1", AllocationPhase::Running)); // a repeat moves nothing
         world.apply(update("b-0-1", AllocationPhase::Succeeded)); // at 6000
-        // Lost while still pending: it never started, and it ended.
+                                                                  // Lost while still pending: it never started, and it ended.
         world.apply(update(
             "b-1-1",
             AllocationPhase::Lost {
