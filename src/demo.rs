@@ -402,7 +402,11 @@ struct Report {
 pub async fn run(options: DemoOptions) -> Result<()> {
     let mut console = Console::new(options.output);
     let mut fleet = Fleet::new()?;
-    let outcome = show(&mut fleet, &mut console, &options).await;
+    // Ctrl-C midway still stops the fleet and removes its data dir.
+    let outcome = tokio::select! {
+        outcome = show(&mut fleet, &mut console, &options) => outcome,
+        Ok(()) = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     if outcome.is_ok() && options.keep {
         let _ = tokio::signal::ctrl_c().await;
         console.say("stopping the demo fleet");

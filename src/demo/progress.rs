@@ -129,7 +129,7 @@ impl Progress {
     /// Shows `lines`, one per job.
     pub fn update(&mut self, lines: &[JobLine]) {
         if self.in_place {
-            self.block = lines
+            let block: Vec<String> = lines
                 .iter()
                 .map(|line| {
                     line.render()
@@ -138,6 +138,10 @@ impl Progress {
                         .collect()
                 })
                 .collect();
+            if block == self.block && self.drawn == block.len() {
+                return;
+            }
+            self.block = block;
             self.draw_block();
         } else {
             let elapsed = self.started.elapsed().as_secs_f64();
@@ -336,14 +340,16 @@ mod tests {
         let out = Captured::default();
         let mut progress = Progress::new(Box::new(out.clone()), true);
         let line = JobLine::of(&job("batch", "running", 1, Vec::new()), &names());
+        let further = JobLine::of(&job("batch", "running", 2, Vec::new()), &names());
         progress.update(&[line.clone(), line.clone()]);
-        progress.update(&[line.clone(), line.clone()]);
+        progress.update(&[line.clone(), line.clone()]); // unchanged: not drawn again
+        progress.update(&[line.clone(), further]);
         progress.note("a note");
         progress.update(std::slice::from_ref(&line));
         progress.finish();
         progress.note("after");
         let text = out.text();
-        // The second update, the note and the third update each first erase the two lines drawn
+        // The changed update, the note and the last update each first erase the two lines drawn
         // before (the note draws them again below itself); after `finish` the last bar stays.
         assert_eq!(text.matches("\x1b[2F\x1b[0J").count(), 3, "{text:?}");
         assert_eq!(text.matches("\x1b[").count(), 6, "{text:?}");

@@ -169,7 +169,8 @@ fn allocation_figures(
     }
 }
 
-/// `cloud-gpu@aws-us-east-1: 8 succeeded; onprem-gpu@onprem-a: 4 lost`, most allocations first.
+/// `cloud-gpu: 8 succeeded; onprem-gpu: 4 lost`, most allocations first (agent names: the
+/// fleet table shows their sites, and the table stays narrow).
 pub fn where_it_ran(job: &JobFigures) -> String {
     let mut placements: Vec<&Placement> = job.placements.iter().collect();
     placements.sort_by_key(|p| std::cmp::Reverse(p.allocations));
@@ -181,7 +182,7 @@ pub fn where_it_ran(job: &JobFigures) -> String {
                 .iter()
                 .map(|(state, n)| format!("{n} {state}"))
                 .collect();
-            format!("{}@{}: {}", p.agent_name, p.site, states.join(", "))
+            format!("{}: {}", p.agent_name, states.join(", "))
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -336,7 +337,7 @@ mod tests {
         assert_eq!(figures.duration_seconds, 3.0 * 3600.0);
         assert_eq!(
             where_it_ran(&figures),
-            "onprem-gpu@onprem-a: 2 lost; a-9@: 1 running; cloud-gpu@aws: 1 succeeded"
+            "onprem-gpu: 2 lost; a-9: 1 running; cloud-gpu: 1 succeeded"
         );
     }
 
@@ -346,10 +347,7 @@ mod tests {
         stopped.stop_requested = true;
         let crashed = allocation("j-1-1", "a-1", "failed", 0, Some(0), Some(1000));
         let figures = job_figures(&job(vec![stopped, crashed]), &prices(), 1000);
-        assert_eq!(
-            where_it_ran(&figures),
-            "onprem-gpu@onprem-a: 1 failed, 1 stopped"
-        );
+        assert_eq!(where_it_ran(&figures), "onprem-gpu: 1 failed, 1 stopped");
     }
 
     #[test]
