@@ -133,19 +133,17 @@ pub fn serving_ports() -> Result<String> {
     ))
 }
 
-/// Follows the jobs on screen while one of them runs.
+/// Follows a job on screen while it runs (the demo runs one at a time).
 struct Watch<'a> {
     /// Agent id to name.
     names: BTreeMap<String, String>,
-    /// The jobs with a progress line, in the order submitted.
-    shown: Vec<String>,
     console: &'a mut Console,
 }
 
 impl Watch<'_> {
-    /// Polls until `step` says the job `id` is where it should be, showing every job's progress
-    /// meanwhile; fails if the job fails. `step` sees each poll's view of the job, and may act
-    /// on the fleet.
+    /// Polls until `step` says the job `id` is where it should be, showing its progress
+    /// meanwhile (left on screen afterwards); fails if the job fails. `step` sees each poll's
+    /// view of the job, and may act on the fleet.
     async fn follow(
         &mut self,
         fleet: &mut Fleet,
@@ -153,30 +151,14 @@ impl Watch<'_> {
         what: &str,
         mut step: impl FnMut(&JobView, &mut Fleet, &mut Console) -> Result<bool>,
     ) -> Result<JobView> {
-        if !self.shown.iter().any(|shown| shown == id) {
-            self.shown.push(id.to_string());
-        }
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
-            let mut views = Vec::new();
-            for shown in &self.shown {
-                views.push(
-                    fleet
-                        .api()
-                        .get::<JobView>(&format!("/v1/jobs/{shown}"))
-                        .await?,
-                );
-            }
-            let lines: Vec<JobLine> = views
-                .iter()
-                .map(|job| JobLine::of(job, &self.names))
-                .collect();
-            self.console.progress.update(&lines);
-            let job = views
-                .into_iter()
-                .find(|job| job.id == id)
-                .expect("the job followed is shown");
+            let job: JobView = fleet.api().get(&format!("/v1/jobs/{id}")).await?;
+            self.console
+                .progress
+                .update(&[JobLine::of(&job, &self.names)]);
             if step(&job, fleet, &mut *self.console)? {
+                self.console.progress.finish();
                 return Ok(job);
             }
             // Nothing in the demo cancels a job before `step` expects it.
@@ -383,7 +365,6 @@ pub async fn run(
         .collect();
     let mut watch = Watch {
         names: names.clone(),
-        shown: Vec::new(),
         console,
     };
 
@@ -410,7 +391,6 @@ pub async fn run(
         .iter()
         .find(|a| a.name == MODEL_FILE)
         .context("the training job has no model artifact")?;
-    watch.console.progress.finish();
     watch.console.say(&format!(
         "   trained on {}: training accuracy {:.4}; {MODEL_FILE} stored on the coordinators as an artifact ({} bytes, sha256 {}...)",
         watch.placed(&train, &["succeeded"]),
@@ -444,7 +424,6 @@ pub async fn run(
             },
         )
         .await?;
-    watch.console.progress.finish();
     let killed = kill.finish(&infer, &names);
     watch.console.say(&format!(
         "   every shard succeeded; shards ran on {}",
@@ -488,7 +467,6 @@ pub async fn run(
                 == replicas)
         })
         .await?;
-    watch.console.progress.finish();
     let coordinator = fleet.coordinators[0].http;
     let (via, url, served) = call_served_model(coordinator, &serving, &FEATURES).await?;
     let direct = workloads::predict(&model, &FEATURES);
@@ -534,7 +512,6 @@ pub async fn run(
                         .all(|a| ["succeeded", "failed", "lost"].contains(&a.state.as_str())))
             })
             .await?;
-        watch.console.progress.finish();
         watch
             .console
             .say("   cancelled the serving job: its replicas stopped on SIGTERM");
