@@ -37,8 +37,7 @@ const N_COORDINATORS: usize = 3;
 /// A bound on each step of starting the fleet.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One agent of the demo fleet: its name, its config (prices, declared GPUs) and what it stands
-/// for.
+/// One agent of the demo fleet: its name and its config (site, prices, declared GPUs).
 struct FleetAgent {
     name: &'static str,
     config: &'static str,
@@ -266,7 +265,7 @@ impl Fleet {
         self.api().get("/v1/nodes").await
     }
 
-    /// Waits until every agent started is `ready`, and `check` holds for the nodes.
+    /// Waits until `check` holds for the nodes the API lists.
     async fn wait_nodes(
         &self,
         what: &str,
@@ -389,7 +388,7 @@ struct Report {
     wall_seconds: f64,
     /// Each coordinator's HTTP API.
     coordinators: Vec<String>,
-    /// Each agent's configured prices, by agent id.
+    /// Each agent's prices as it registered them (its config's), in agent id order.
     fleet: Vec<AgentPrices>,
     jobs: Vec<JobFigures>,
     gpu_hours: f64,

@@ -211,8 +211,10 @@ async fn submit(fleet: &Fleet, spec: &JobSpec) -> Result<String> {
 /// Where the kill stands during the batch job.
 #[derive(Default)]
 struct KillWatch {
-    /// The agent chosen, and when its shards were first seen running.
-    victim: Option<(String, Instant)>,
+    /// The agent chosen: the cheapest GPU agent given shards.
+    victim: Option<String>,
+    /// When its shards were first seen running.
+    running_since: Option<Instant>,
     killed_at: Option<Instant>,
     killed: Option<Killed>,
     moved_noted: bool,
@@ -236,23 +238,33 @@ impl KillWatch {
                 .collect()
         };
         if self.killed_at.is_none() {
-            // The cheapest GPU agent with running shards: the site the work would rather be on.
+            // The cheapest GPU agent given shards: the site the work would rather be on.
             let mut gpu_agents: Vec<&AgentPrices> = prices
                 .values()
                 .filter(|p| p.cost_per_gpu_hour > 0.0)
                 .collect();
             gpu_agents.sort_by(|a, b| a.cost_per_gpu_hour.total_cmp(&b.cost_per_gpu_hour));
-            let Some(candidate) = gpu_agents.iter().find(|p| !running_on(&p.agent).is_empty())
-            else {
+            if self.victim.is_none() {
+                self.victim = gpu_agents
+                    .iter()
+                    .find(|p| job.allocations.iter().any(|a| a.agent == p.agent))
+                    .map(|p| p.agent.clone());
+            }
+            let Some(victim) = &self.victim else {
                 return;
             };
-            let (victim, since) = self
-                .victim
-                .get_or_insert_with(|| (candidate.agent.clone(), Instant::now()));
-            if since.elapsed() < KILL_AFTER {
+            let units = running_on(victim);
+            if units.is_empty() {
                 return;
             }
-            let units = running_on(victim);
+            if self
+                .running_since
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                < KILL_AFTER
+            {
+                return;
+            }
             let victim = prices[victim.as_str()].clone();
             fleet.kill_agent(&victim.name);
             self.killed_at = Some(Instant::now());
