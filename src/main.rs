@@ -62,12 +62,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Start a whole local fleet in this process (coordinator and three agents on loopback) and
-    /// show it working: join, capacity, an agent killed and brought back.
+    /// Start a whole local fleet in this process (three coordinators and three agents standing
+    /// for on-prem, cloud and CPU-only sites, on loopback) and show it working: training,
+    /// batch inference that survives a killed agent, serving, and what each job cost.
     Demo {
-        /// Leave the cluster running afterwards and print how to point the CLI at it.
+        /// Leave the fleet running afterwards (until Ctrl-C) and print how to point the CLI at it.
         #[arg(long)]
         keep: bool,
+        /// `table`: the story on stdout. `json`, `yaml`: the story on stderr and a summary
+        /// (jobs, placements, GPU-hours, costs, the killed agent, the prediction) on stdout.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// The same as `-o json`.
+        #[arg(long, conflicts_with = "output")]
+        json: bool,
     },
     /// Submit a job file (YAML, TOML or JSON); prints the job id alone on stdout.
     Submit {
@@ -412,7 +420,16 @@ async fn main() {
         cli.command,
         Command::Coordinator(_) | Command::Agent(AgentArgs { command: None, .. })
     );
-    init_tracing(if daemon { "info" } else { "warn" });
+    // The demo tells its own story; its fleet's warnings (an agent down, on purpose) would only
+    // interrupt it. RUST_LOG still shows them.
+    let demo = matches!(cli.command, Command::Demo { .. });
+    init_tracing(if daemon {
+        "info"
+    } else if demo {
+        "error"
+    } else {
+        "warn"
+    });
     let long_running = daemon || matches!(cli.command, Command::Demo { .. } | Command::Workload(_));
     if !long_running {
         // A command whose output goes to `head` ends quietly when the reader goes away, as
@@ -464,7 +481,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             api,
         } => logs(&api, &job, allocation, stderr, follow).await,
         Command::Endpoints { output, api } => endpoints(&api, output).await,
-        Command::Demo { keep } => demo::run(keep).await,
+        Command::Demo { keep, output, json } => {
+            let output = if json { Output::Json } else { output };
+            demo::run(demo::DemoOptions { keep, output }).await
+        }
         Command::New(args) => templates::run(args),
         Command::Workload(args) => workloads::run(args).await,
         Command::Completions { shell } => {

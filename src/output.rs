@@ -132,13 +132,22 @@ pub fn print_table_coloured<const N: usize>(
     rows: &[[String; N]],
     colour: impl Fn(usize, &str) -> Option<&'static str>,
 ) {
+    print!("{}", format_table(header, rows, colour_enabled(), colour));
+}
+
+/// Aligned columns, one line each (with its newline), with ANSI colours when `coloured`.
+pub fn format_table<const N: usize>(
+    header: &[&str; N],
+    rows: &[[String; N]],
+    coloured: bool,
+    colour: impl Fn(usize, &str) -> Option<&'static str>,
+) -> String {
     let mut widths = header.map(|h| h.chars().count());
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let coloured = colour_enabled();
     let line = |cells: Vec<&str>, is_header: bool| {
         let padded: Vec<String> = cells
             .iter()
@@ -162,12 +171,13 @@ pub fn print_table_coloured<const N: usize>(
                 }
             })
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        format!("{}\n", padded.join("  ").trim_end())
     };
-    line(header.to_vec(), true);
+    let mut text = line(header.to_vec(), true);
     for row in rows {
-        line(row.iter().map(String::as_str).collect(), false);
+        text.push_str(&line(row.iter().map(String::as_str).collect(), false));
     }
+    text
 }
 
 pub fn now_unix_ms() -> u64 {

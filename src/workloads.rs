@@ -114,6 +114,10 @@ struct InferArgs {
     /// Shards in the job.
     #[arg(long, env = "SHARD_COUNT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     shard_count: u32,
+    /// Score at most this many rows a second, as a stand-in for a heavier model: a shard then
+    /// runs long enough to watch it, or to lose it (`gantry demo` uses it). Unpaced when absent.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rows_per_second: Option<u32>,
 }
 
 #[derive(Args)]
@@ -477,7 +481,14 @@ fn run_infer(args: InferArgs) -> Result<()> {
     let data = Dataset::generate(args.seed, args.rows as usize);
     let mut lines = Vec::new();
     let (mut n_rows, mut n_positive, mut n_agree) = (0usize, 0usize, 0usize);
+    let started = Instant::now();
     for row in shard_rows(data.len(), args.shard_index, args.shard_count) {
+        if let Some(rate) = args.rows_per_second {
+            let due = std::time::Duration::from_secs_f64(n_rows as f64 / f64::from(rate));
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         let probability = predict(&model, &data.features[row]);
         let label = u8::from(probability >= 0.5);
         n_rows += 1;

@@ -1,8 +1,10 @@
 //! The shipped job files and the CLI around them: every file in `examples/` is a valid spec and
 //! is described in `examples/README.md`; the self-contained examples run for real, as a
 //! pipeline, on a coordinator and an agent (separate processes of the real binary, the process
-//! runtime allowed): training writes model.json, four inference shards score every row exactly
-//! once, serving replicas answer predictions that match the model and stop cleanly on cancel.
+//! runtime allowed), passing the model along as artifacts, never through host paths: training's
+//! model.json is stored and downloadable with `gantry artifacts`, four inference shards given it
+//! as an input score every row exactly once in their collected prediction files, serving
+//! replicas given it answer predictions that match it and stop cleanly on cancel.
 //! Along the way: `-o yaml` says what `-o json` says, a missing job exits 3, `gantry new` and
 //! `gantry completions` work, and only rank 0 of a training gang writes the model.
 
@@ -62,17 +64,39 @@ fn every_example_is_a_valid_spec_described_in_the_readme() {
     assert_eq!(vllm.serving.as_ref().unwrap().health_path, "/health");
 }
 
-/// A job file from `examples/` as the API's JSON, with some env variables replaced.
-fn example_with_env(name: &str, env: &[(&str, &Path)]) -> serde_json::Value {
-    let mut spec = examples().remove(name).unwrap();
-    for (key, path) in env {
-        assert!(
-            spec.env.contains_key(*key),
-            "{name} sets {key}, so pointing it elsewhere changes only where files go"
-        );
-        spec.env.insert(key.to_string(), path.display().to_string());
-    }
+/// A job file from `examples/` as the API's JSON, as it is shipped.
+fn example(name: &str) -> serde_json::Value {
+    let spec = examples().remove(name).unwrap();
     serde_json::from_str(&spec.canonical_json()).unwrap()
+}
+
+#[test]
+fn the_self_contained_examples_pass_the_model_as_artifacts_not_host_paths() {
+    let specs = examples();
+    for name in [
+        "workload-train.yaml",
+        "workload-infer.yaml",
+        "workload-serve.yaml",
+    ] {
+        let spec = &specs[name];
+        assert!(
+            spec.env.keys().all(|key| !key.starts_with("GANTRY_")),
+            "{name}: the agent sets GANTRY_INPUT_DIR and GANTRY_OUTPUT_DIR itself: {:?}",
+            spec.env
+        );
+    }
+    assert_eq!(specs["workload-train.yaml"].outputs, ["model.json"]);
+    assert_eq!(
+        specs["workload-infer.yaml"].outputs,
+        ["predictions-*.jsonl"]
+    );
+    for consumer in ["workload-infer.yaml", "workload-serve.yaml"] {
+        assert_eq!(
+            specs[consumer].inputs,
+            ["workload-train/model.json"],
+            "{consumer}"
+        );
+    }
 }
 
 struct Fleet {
@@ -247,23 +271,34 @@ fn probability(model: &serde_json::Value, features: &[f64]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_self_contained_examples_run_as_a_pipeline() {
     let fleet = Fleet::start().await;
-    let model_dir = fleet.dir.path().join("model");
-    let predictions_dir = fleet.dir.path().join("predictions");
 
-    // Train: a gang of two ranks; rank 0 writes model.json where GANTRY_OUTPUT_DIR says.
-    let train = fleet
-        .submit(example_with_env(
-            "workload-train.yaml",
-            &[("GANTRY_OUTPUT_DIR", &model_dir)],
-        ))
-        .await;
+    // Train: a gang of two ranks; rank 0 writes model.json, the job's declared output.
+    let train = fleet.submit(example("workload-train.yaml")).await;
     let job = fleet
         .wait_done(&train, "succeeded", Duration::from_secs(120))
         .await;
     assert_eq!(job.allocations.len(), 2, "{job:?}");
-    let model: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dir.join("model.json")).unwrap())
-            .unwrap();
+    let names: Vec<&str> = job.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["model.json"], "{job:?}");
+    // `gantry artifacts` lists it and downloads the bytes its checksum names.
+    let listing = fleet.cli(&["artifacts", &train]);
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    assert!(
+        listing.contains("model.json") && listing.contains(&job.artifacts[0].sha256),
+        "{listing}"
+    );
+    let model_path = fleet.dir.path().join("model.json");
+    let download = fleet.cli(&[
+        "artifacts",
+        &train,
+        "model.json",
+        "--out",
+        model_path.to_str().unwrap(),
+    ]);
+    assert!(download.status.success(), "{download:?}");
+    let model_bytes = std::fs::read(&model_path).unwrap();
+    assert_eq!(model_bytes.len() as u64, job.artifacts[0].size_bytes);
+    let model: serde_json::Value = serde_json::from_slice(&model_bytes).unwrap();
     assert!(model["train_accuracy"].as_f64().unwrap() > 0.9, "{model}");
     assert_eq!(model["n_rows"], 4000);
     let logs = fleet.outputs(&job);
@@ -292,26 +327,38 @@ async fn the_self_contained_examples_run_as_a_pipeline() {
     let missing = fleet.cli(&["status", "no-such-job"]);
     assert_eq!(missing.status.code(), Some(3), "{missing:?}");
 
-    // Infer: four shards read the model and together score every row exactly once.
-    let infer = fleet
-        .submit(example_with_env(
-            "workload-infer.yaml",
-            &[
-                ("GANTRY_INPUT_DIR", &model_dir),
-                ("GANTRY_OUTPUT_DIR", &predictions_dir),
-            ],
-        ))
-        .await;
-    fleet
+    // Infer: four shards read the trained model, named by the training job's name, and their
+    // four prediction files together score every row exactly once.
+    let infer = fleet.submit(example("workload-infer.yaml")).await;
+    let job = fleet
         .wait_done(&infer, "succeeded", Duration::from_secs(120))
         .await;
+    assert_eq!(job.inputs.len(), 1, "{job:?}");
+    assert_eq!(job.inputs[0].job, train);
+    assert_eq!(
+        job.inputs[0].sha256,
+        fleet.job(&train).await.artifacts[0].sha256
+    );
+    let mut names: Vec<&str> = job.artifacts.iter().map(|a| a.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "predictions-0.jsonl",
+            "predictions-1.jsonl",
+            "predictions-2.jsonl",
+            "predictions-3.jsonl"
+        ]
+    );
     let mut rows = Vec::new();
     for shard_idx in 0..4 {
-        let path = predictions_dir.join(format!("predictions-{shard_idx}.jsonl"));
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
+        let name = format!("predictions-{shard_idx}.jsonl");
+        let download = fleet.cli(&["artifacts", &infer, &name]);
+        assert!(download.status.success(), "{download:?}");
+        for line in String::from_utf8(download.stdout).unwrap().lines() {
             let prediction: serde_json::Value = serde_json::from_str(line).unwrap();
             let row = prediction["row"].as_u64().unwrap();
-            assert_eq!(row % 4, shard_idx, "{path:?}: {line}");
+            assert_eq!(row % 4, shard_idx, "{name}: {line}");
             rows.push(row);
         }
     }
@@ -319,12 +366,7 @@ async fn the_self_contained_examples_run_as_a_pipeline() {
     assert_eq!(rows, (0..10_000).collect::<Vec<u64>>());
 
     // Serve: two replicas become healthy on their ports and answer what the model says.
-    let serve = fleet
-        .submit(example_with_env(
-            "workload-serve.yaml",
-            &[("GANTRY_INPUT_DIR", &model_dir)],
-        ))
-        .await;
+    let serve = fleet.submit(example("workload-serve.yaml")).await;
     let job = eventually("two healthy replicas", Duration::from_secs(60), || async {
         let job = fleet.job(&serve).await;
         assert!(job.state != "failed", "{job:?}\n{}", fleet.outputs(&job));

@@ -14,7 +14,7 @@
 use crate::runtime::{
     Exit, GpuAssignment, Recovered, Runtime, RuntimeEvent, UnitSpec, INPUT_DIR, OUTPUT_DIR,
 };
-use gantry_protocol::jobspec::JobSpec;
+use gantry_protocol::jobspec::{JobKind, JobSpec};
 use gantry_protocol::{
     AllocationPhase, AllocationStateReport, ArtifactFile, Assign, FencingToken, FetchLogs, Gpu,
     LogSlice, LogStream, LogsError, LogsReply, RuntimeKind, Stop, LOG_SLICE_BYTES_MAX,
@@ -158,6 +158,17 @@ fn place_inputs(dir: &Path, inputs: &[ArtifactFile]) -> Result<(), String> {
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// The outputs this unit must leave: the job's declared ones, except in a training gang, whose
+/// outputs are its rank 0's (a gang's ranks compute one result, and training scripts save it
+/// from rank 0 only, as torchrun's do); the other ranks' output directories are not collected.
+fn unit_outputs(job: &JobSpec, env: &BTreeMap<String, String>) -> Vec<String> {
+    let is_rank_0 = env.get("RANK").is_none_or(|rank| rank == "0");
+    if job.kind == JobKind::Training && !is_rank_0 {
+        return Vec::new();
+    }
+    job.outputs.clone()
 }
 
 /// The files in `dir` that match the job's declared outputs, within the size limits. A declared
@@ -423,7 +434,7 @@ impl Supervisor {
             index: assign.fencing.index,
             runtime: runtime.kind(),
             health,
-            outputs: unit.job.outputs.clone(),
+            outputs: unit_outputs(&unit.job, &assign.env),
         };
         let dir = self.work_root.join(&assign.allocation_id);
         let written = std::fs::create_dir_all(&dir).and_then(|()| {
@@ -1022,5 +1033,25 @@ mod tests {
                 "{unknown}: {reply:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_training_gang_s_outputs_are_its_rank_0_s() {
+        let spec = |kind: &str| {
+            gantry_protocol::jobspec::from_json_value(serde_json::json!({
+                "name": "j", "kind": kind, "command": ["x"], "outputs": ["model.json"]
+            }))
+            .unwrap()
+        };
+        let env = |key: &str, value: &str| BTreeMap::from([(key.to_string(), value.to_string())]);
+        let training = spec("training");
+        assert_eq!(unit_outputs(&training, &env("RANK", "0")), ["model.json"]);
+        assert!(unit_outputs(&training, &env("RANK", "1")).is_empty());
+        // Every shard of a batch job leaves its own.
+        let batch = spec("batch");
+        assert_eq!(
+            unit_outputs(&batch, &env("SHARD_INDEX", "3")),
+            ["model.json"]
+        );
     }
 }

@@ -80,7 +80,8 @@ pub struct JobSpec {
     pub pull: bool,
     /// Files each unit leaves in `$GANTRY_OUTPUT_DIR` that become the job's artifacts when the
     /// unit succeeds: names, or patterns with one `*` (`predictions-*.jsonl`, for shards). A
-    /// name without `*` that a succeeded unit did not write fails that unit.
+    /// name without `*` that a succeeded unit did not write fails that unit. In a training gang
+    /// only rank 0 leaves them (the other ranks' directories are not collected).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
     /// Artifacts of earlier jobs placed in `$GANTRY_INPUT_DIR` before each unit starts, as

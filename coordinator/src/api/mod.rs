@@ -435,6 +435,8 @@ fn job_view((job, allocations): &crate::server::JobWithAllocations) -> JobView {
                 stop_requested: a.stop_requested,
                 generation: a.generation,
                 image: a.image.clone(),
+                started_at_unix_ms: a.started_at_unix_ms,
+                ended_at_unix_ms: a.ended_at_unix_ms,
             }
         })
         .collect();

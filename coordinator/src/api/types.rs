@@ -186,6 +186,13 @@ pub struct AllocationView {
     /// or the local image id `sha256:…` for an image without a repo digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// When the unit was first reported running, and when it reached its final state (the
+    /// leader's clock, Unix milliseconds); absent until then, and `started` absent for a unit
+    /// that ended without starting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

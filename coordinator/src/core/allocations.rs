@@ -52,6 +52,11 @@ pub struct Allocation {
     pub image: Option<String>,
     pub created_at_unix_ms: u64,
     pub updated_at_unix_ms: u64,
+    /// When the unit was first reported running (or healthy): the stamp of the entry that said
+    /// so. `None` while pending, and for a unit that ended without ever starting.
+    pub started_at_unix_ms: Option<u64>,
+    /// When it reached its final phase: the stamp of that entry.
+    pub ended_at_unix_ms: Option<u64>,
 }
 
 impl Allocation {
@@ -359,6 +364,7 @@ impl State {
                     reason: "preempted by higher-priority work".into(),
                 };
                 allocation.updated_at_unix_ms = at;
+                allocation.ended_at_unix_ms = Some(at);
             }
         }
         let mut view = self.cluster_view();
@@ -554,6 +560,8 @@ impl State {
                     image: None,
                     created_at_unix_ms: at,
                     updated_at_unix_ms: at,
+                    started_at_unix_ms: None,
+                    ended_at_unix_ms: None,
                 },
             );
         }
@@ -583,8 +591,12 @@ impl State {
         }
         allocation.phase = phase.clone();
         allocation.updated_at_unix_ms = at;
+        if matches!(phase, AllocationPhase::Running | AllocationPhase::Healthy) {
+            allocation.started_at_unix_ms.get_or_insert(at);
+        }
         let job_id = allocation.job_id.clone();
         if allocation.is_final() {
+            allocation.ended_at_unix_ms = Some(at);
             let allocation = allocation.clone();
             self.unit_ended(&allocation, at);
         }
@@ -962,6 +974,74 @@ mod tests {
         assert!(live
             .iter()
             .all(|a| a.generation == 1 && a.phase == AllocationPhase::Healthy));
+    }
+
+    /// The allocation's id, then its (started, ended) stamps after each step.
+    fn stamps(world: &World) -> Vec<(String, Option<u64>, Option<u64>)> {
+        world
+            .state
+            .allocations
+            .values()
+            .map(|a| (a.id.clone(), a.started_at_unix_ms, a.ended_at_unix_ms))
+            .collect()
+    }
+
+    #[test]
+    fn start_and_end_are_the_stamps_of_the_entries_that_reported_them() {
+        let mut world = World::new();
+        let batch = gantry_protocol::jobspec::from_json_value(serde_json::json!({
+            "name": "b", "kind": "batch", "command": ["x"], "batch": { "shards": 2 }
+        }))
+        .unwrap()
+        .canonical_json();
+        world.apply(Op::SubmitJob {
+            job_id: "b".into(),
+            idempotency_key: None,
+            spec_json: batch,
+        });
+        world.place(); // entry 3, at 3000
+        let none = |id: &str| (id.to_string(), None, None);
+        assert_eq!(stamps(&world), vec![none("b-0-1"), none("b-1-1")]);
+
+        let update = |allocation_id: &str, phase: AllocationPhase| Op::AllocationUpdate {
+            allocation_id: allocation_id.into(),
+            phase,
+        };
+        world.apply(update("b-0-1", AllocationPhase::Running)); // at 4000
+        world.apply(update("b-0-1", AllocationPhase::Running)); // a repeat moves nothing
+        world.apply(update("b-0-1", AllocationPhase::Succeeded)); // at 6000
+                                                                  // Lost while still pending: it never started, and it ended.
+        world.apply(update(
+            "b-1-1",
+            AllocationPhase::Lost {
+                reason: "agent down".into(),
+            },
+        )); // at 7000
+        world.apply(update("b-0-1", AllocationPhase::Running)); // after the end: ignored
+        assert_eq!(
+            stamps(&world),
+            vec![
+                ("b-0-1".into(), Some(4000), Some(6000)),
+                ("b-1-1".into(), None, Some(7000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_replica_keeps_its_start_through_unhealthy_spells() {
+        let mut world = World::new();
+        world.apply(Op::SubmitJob {
+            job_id: "web".into(),
+            idempotency_key: None,
+            spec_json: serving("1"),
+        });
+        world.place();
+        world.set_all(AllocationPhase::Pending, AllocationPhase::Healthy); // entries 4-6
+        world.set_all(AllocationPhase::Healthy, AllocationPhase::Running); // unhealthy
+        world.set_all(AllocationPhase::Running, AllocationPhase::Healthy);
+        let started: Vec<Option<u64>> = stamps(&world).iter().map(|s| s.1).collect();
+        assert_eq!(started, vec![Some(4000), Some(5000), Some(6000)]);
+        assert!(stamps(&world).iter().all(|s| s.2.is_none()));
     }
 
     #[test]
