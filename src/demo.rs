@@ -8,7 +8,15 @@
 //!
 //! The fleet is real code on real sockets; only the GPUs are declared rather than found, and the
 //! agents share this host.
+//!
+//! `--runtime docker` runs the same story with every agent on `runtime = "docker"`: the jobs name
+//! an image built offline from this binary (see [`image`]) and run as containers of the local
+//! daemon. The GPUs stay declared, so placement and costs are the same; the containers are given
+//! no GPU device, as the Docker runtime asks the NVIDIA toolkit only for GPUs NVML found. Killing
+//! an agent kills its host: its containers are removed with it. Whatever containers the demo
+//! started are removed when it ends or is interrupted; the image is kept for the next run.
 
+mod image;
 mod ml;
 mod progress;
 mod summary;
@@ -60,9 +68,28 @@ const FLEET: [FleetAgent; 3] = [
     },
 ];
 
+/// What the demo's agents run their jobs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoRuntime {
+    /// Plain processes of this binary.
+    Process,
+    /// Containers of the local Docker daemon, from an image of this binary.
+    Docker,
+}
+
+/// The Docker side of a `--runtime docker` fleet.
+struct DockerFleet {
+    docker: bollard::Docker,
+    /// What every job names.
+    image: String,
+    /// Removals of a killed agent's containers, not yet awaited.
+    removals: Vec<tokio::task::JoinHandle<Result<usize, String>>>,
+}
+
 pub struct DemoOptions {
     /// Leave the fleet running until Ctrl-C.
     pub keep: bool,
+    pub runtime: DemoRuntime,
     /// `table`: the story on stdout. `json`/`yaml`: the story on stderr and the summary
     /// document on stdout.
     pub output: Output,
@@ -116,6 +143,8 @@ pub struct Fleet {
     admin_token: String,
     /// Agent config lines giving serving replicas a free port range.
     serving_ports: String,
+    /// `--runtime docker`.
+    docker: Option<DockerFleet>,
 }
 
 impl Fleet {
@@ -131,7 +160,13 @@ impl Fleet {
             api: None,
             admin_token: String::new(),
             serving_ports: ml::serving_ports()?,
+            docker: None,
         })
+    }
+
+    /// The image jobs name, under `--runtime docker`.
+    fn image(&self) -> Option<&str> {
+        self.docker.as_ref().map(|d| d.image.as_str())
     }
 
     fn api(&self) -> &ApiClient {
@@ -230,8 +265,14 @@ impl Fleet {
     }
 
     fn start_agent(&mut self, agent: &FleetAgent, join_token: Option<String>) -> Result<()> {
+        // Top-level keys: before the config's tables.
+        let runtime = if self.docker.is_some() {
+            "runtime = \"docker\"\n"
+        } else {
+            ""
+        };
         let config = gantry_agent::config::AgentConfig::parse(
-            &format!("{}{}", self.serving_ports, agent.config),
+            &format!("{}{runtime}{}", self.serving_ports, agent.config),
             agent.name,
         )?;
         let coordinators = self
@@ -254,11 +295,35 @@ impl Fleet {
 
     /// Kills an agent the way SIGKILL would: its task is dropped mid-flight, without a word to
     /// the coordinators, and its process runtime with it (its units die with their spawner
-    /// thread, as they do with an agent process).
+    /// thread, as they do with an agent process). Containers outlive their agent, so under
+    /// `--runtime docker` its host dies too: its containers are force-removed (see
+    /// [`Fleet::settle_kills`]).
     fn kill_agent(&mut self, name: &str) {
         if let Some(task) = self.agents.get_mut(name).and_then(Option::take) {
             task.task.abort();
         }
+        let root = self.dir.path().join(name);
+        if let Some(docker) = &mut self.docker {
+            let client = docker.docker.clone();
+            docker.removals.push(tokio::spawn(async move {
+                gantry_agent::runtime::docker::remove_containers_under(&client, &root).await
+            }));
+        }
+    }
+
+    /// Waits for the removal of killed agents' containers; how many there were.
+    async fn settle_kills(&mut self) -> Result<usize> {
+        let mut n_removed = 0;
+        if let Some(docker) = &mut self.docker {
+            for removal in docker.removals.drain(..) {
+                n_removed += removal
+                    .await
+                    .context("join a container removal")?
+                    .map_err(anyhow::Error::msg)
+                    .context("remove a killed agent's containers")?;
+            }
+        }
+        Ok(n_removed)
     }
 
     async fn nodes(&self) -> Result<Vec<NodeView>> {
@@ -278,8 +343,9 @@ impl Fleet {
         .await
     }
 
-    /// Stops agents first (their units get SIGTERM), then the coordinators.
-    async fn stop(mut self) {
+    /// Stops agents first (their units get SIGTERM), then the coordinators. Containers
+    /// outlive their agent: under `--runtime docker` every one its agents made is removed last.
+    async fn stop(mut self) -> Result<()> {
         for (_, task) in std::mem::take(&mut self.agents) {
             if let Some(task) = task {
                 let _ = task.stop(Duration::from_secs(15)).await;
@@ -288,6 +354,14 @@ impl Fleet {
         for coordinator in self.coordinators.drain(..).rev() {
             let _ = coordinator.task.stop(Duration::from_secs(10)).await;
         }
+        let settled = self.settle_kills().await;
+        if let Some(docker) = &self.docker {
+            gantry_agent::runtime::docker::remove_containers_under(&docker.docker, self.dir.path())
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("remove the demo's containers")?;
+        }
+        settled.map(|_| ())
     }
 }
 
@@ -386,6 +460,11 @@ fn nodes_table(console: &mut Console, nodes: &[NodeView]) {
 #[derive(Debug, Serialize)]
 struct Report {
     wall_seconds: f64,
+    /// `process` or `docker`: what ran the jobs.
+    runtime: &'static str,
+    /// The image every job named, under `--runtime docker`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
     /// Each coordinator's HTTP API.
     coordinators: Vec<String>,
     /// Each agent's prices as it registered them (its config's), in agent id order.
@@ -401,6 +480,34 @@ struct Report {
 pub async fn run(options: DemoOptions) -> Result<()> {
     let mut console = Console::new(options.output);
     let mut fleet = Fleet::new()?;
+    if options.runtime == DemoRuntime::Docker {
+        let docker = gantry_agent::runtime::docker::connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("`gantry demo --runtime docker` runs its jobs as containers of the local Docker daemon, and {e}; without one, `gantry demo` runs them as processes"))?;
+        let started = Instant::now();
+        let image = tokio::select! {
+            image = image::ensure(&docker) => image.context("build the demo's image")?,
+            Ok(()) = tokio::signal::ctrl_c() => bail!("interrupted"),
+        };
+        console.say(&format!(
+            "0. Docker answered; the jobs run from {} ({}), {}",
+            image.reference,
+            &image.id[..image.id.len().min(19)],
+            if image.reused {
+                "already built from this binary".to_string()
+            } else {
+                format!(
+                    "imported from this binary and its libraries in {:.1} s, offline",
+                    started.elapsed().as_secs_f64()
+                )
+            }
+        ));
+        fleet.docker = Some(DockerFleet {
+            docker,
+            image: image.reference,
+            removals: Vec::new(),
+        });
+    }
     // Ctrl-C midway still stops the fleet and removes its data dir.
     let outcome = tokio::select! {
         outcome = show(&mut fleet, &mut console, &options) => outcome,
@@ -410,8 +517,8 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         console.say("stopping the demo fleet");
     }
-    fleet.stop().await;
-    outcome
+    let stopped = fleet.stop().await;
+    outcome.and(stopped)
 }
 
 async fn show(fleet: &mut Fleet, console: &mut Console, options: &DemoOptions) -> Result<()> {
@@ -480,6 +587,11 @@ async fn show(fleet: &mut Fleet, console: &mut Console, options: &DemoOptions) -
 
     let report = Report {
         wall_seconds,
+        runtime: match options.runtime {
+            DemoRuntime::Process => "process",
+            DemoRuntime::Docker => "docker",
+        },
+        image: fleet.image().map(str::to_string),
         coordinators: fleet
             .coordinators
             .iter()

@@ -76,6 +76,11 @@ enum Command {
         /// The same as `-o json`.
         #[arg(long, conflicts_with = "output")]
         json: bool,
+        /// What the agents run the jobs with: `process`es of this binary, or `docker`
+        /// containers of the local daemon from an image of this binary built offline (kept for
+        /// the next run; the containers are removed at the end).
+        #[arg(long, value_enum, default_value_t = demo::DemoRuntime::Process)]
+        runtime: demo::DemoRuntime,
     },
     /// Submit a job file (YAML, TOML or JSON); prints the job id alone on stdout.
     Submit {
@@ -481,9 +486,19 @@ async fn dispatch(cli: Cli) -> Result<()> {
             api,
         } => logs(&api, &job, allocation, stderr, follow).await,
         Command::Endpoints { output, api } => endpoints(&api, output).await,
-        Command::Demo { keep, output, json } => {
+        Command::Demo {
+            keep,
+            output,
+            json,
+            runtime,
+        } => {
             let output = if json { Output::Json } else { output };
-            demo::run(demo::DemoOptions { keep, output }).await
+            demo::run(demo::DemoOptions {
+                keep,
+                runtime,
+                output,
+            })
+            .await
         }
         Command::New(args) => templates::run(args),
         Command::Workload(args) => workloads::run(args).await,

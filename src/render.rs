@@ -56,7 +56,11 @@ pub fn render(
     let mut documents: Vec<serde_json::Value> = Vec::new();
     for unit in 0..spec.units() {
         let gpus = (0..spec.resources.n_gpus)
-            .map(|index| gantry_agent::runtime::GpuAssignment { index, uuid: None })
+            .map(|index| gantry_agent::runtime::GpuAssignment {
+                index,
+                uuid: None,
+                declared: false,
+            })
             .collect();
         let unit_spec = UnitSpec::new(
             format!("{}-{unit}-1", spec.name),

@@ -5,6 +5,10 @@
 //! every one of them succeeded on another agent; every job's GPU-hours and cost add up from its
 //! allocations' run times and the configured prices. With `--keep` the fleet stays up for the
 //! CLI, as the printed exports say, until Ctrl-C.
+//!
+//! `--runtime docker` must hold up the same way, with every allocation run from the demo's image
+//! and no container of the demo left behind; it runs where `docker version` answers (always in
+//! CI, whose script requires a daemon) and says it skipped elsewhere.
 
 mod common;
 
@@ -69,7 +73,76 @@ fn the_demo_runs_the_platform_and_its_figures_add_up() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
     let (status, stdout, stderr) = run_demo(&["--json"]);
     assert!(status.success(), "{status}\n{stderr}");
-    let report: Value = serde_json::from_str(&stdout)
+    let report = check_report(&stdout, &stderr);
+    assert_eq!(report["runtime"], "process");
+    for job in report["jobs"].as_array().unwrap() {
+        for allocation in job["allocations"].as_array().unwrap() {
+            assert!(allocation.get("image").is_none(), "{allocation}");
+        }
+    }
+}
+
+#[test]
+fn with_docker_the_same_story_runs_in_containers_of_the_demo_image() {
+    let answers = std::process::Command::new("docker")
+        .arg("version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !answers {
+        eprintln!("skipped: `docker version` does not answer here (CI requires a daemon)");
+        return;
+    }
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let (status, stdout, stderr) = run_demo(&["--runtime", "docker", "--json"]);
+    assert!(status.success(), "{status}\n{stderr}");
+    let report = check_report(&stdout, &stderr);
+    assert_eq!(report["runtime"], "docker");
+    let image = report["image"].as_str().unwrap();
+    assert!(image.starts_with("gantry-demo:"), "{image}");
+    assert!(stderr.contains("its containers force-removed"), "{stderr}");
+
+    // Every allocation that started ran from the imported image: the agent reports its id (an
+    // imported image has no repo digest), the same one for all.
+    let image_id = common::images::docker(&["image", "inspect", "--format", "{{.Id}}", image])
+        .trim()
+        .to_string();
+    let mut n_started = 0;
+    for job in report["jobs"].as_array().unwrap() {
+        for allocation in job["allocations"].as_array().unwrap() {
+            if f(&allocation["run_seconds"]) > 0.0 {
+                n_started += 1;
+                assert_eq!(allocation["image"], image_id.as_str(), "{allocation}");
+            }
+        }
+    }
+    assert!(n_started >= 12, "{report:#}");
+
+    // No container of the demo's agents is left: the data dir's path names its agents' roots.
+    let data_dir = stderr
+        .split("new CA in ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the story names the data dir");
+    let roots = common::images::docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=gantry.agent-root",
+        "--format",
+        "{{.Label \"gantry.agent-root\"}}",
+    ]);
+    assert!(
+        !roots.lines().any(|root| root.starts_with(data_dir)),
+        "containers left under {data_dir}:\n{roots}"
+    );
+}
+
+/// The checks every runtime's summary must pass; the summary.
+fn check_report(stdout: &str, stderr: &str) -> Value {
+    let report: Value = serde_json::from_str(stdout)
         .unwrap_or_else(|e| panic!("stdout is not the JSON summary ({e}):\n{stdout}"));
     let context = || format!("{stderr}\n{report:#}");
 
@@ -216,6 +289,7 @@ fn the_demo_runs_the_platform_and_its_figures_add_up() {
     assert!(close(f(&report["cost"]), total_cost));
     assert!(close(f(&report["gpu_hours"]), total_gpu_hours));
     assert!(f(&jobs["batch"]["gpu_hours"]) > 0.0 && f(&jobs["serving"]["gpu_hours"]) == 0.0);
+    report
 }
 
 #[test]

@@ -688,10 +688,12 @@ async fn start_sends_exactly_the_rendered_manifests() {
         gantry_agent::runtime::GpuAssignment {
             index: 0,
             uuid: None,
+            declared: false,
         },
         gantry_agent::runtime::GpuAssignment {
             index: 1,
             uuid: None,
+            declared: false,
         },
     ];
     units[1].gpus = units[0].gpus.clone();
@@ -868,6 +870,7 @@ async fn node_capacity_is_what_other_work_leaves_free() {
     gpu_unit.gpus = vec![gantry_agent::runtime::GpuAssignment {
         index: 0,
         uuid: None,
+        declared: false,
     }];
     runtime.start(gpu_unit).await.unwrap();
     cluster.kubelet_runs("j-g-0-1", false).await;

@@ -402,13 +402,13 @@ impl Supervisor {
         let gpus = assign
             .gpus
             .iter()
-            .map(|&index| GpuAssignment {
-                index,
-                uuid: self
-                    .gpus
-                    .iter()
-                    .find(|g| g.index == index)
-                    .and_then(|g| g.uuid.clone()),
+            .map(|&index| {
+                let gpu = self.gpus.iter().find(|g| g.index == index);
+                GpuAssignment {
+                    index,
+                    uuid: gpu.and_then(|g| g.uuid.clone()),
+                    declared: gpu.is_some_and(|g| g.source == gantry_protocol::GpuSource::Declared),
+                }
             })
             .collect();
         let unit = UnitSpec::new(

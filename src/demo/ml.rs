@@ -13,7 +13,10 @@
 //!
 //! The process runtime finds `gantry` on the unit's `PATH`. The demo's agents run inside this
 //! process, so each job's env puts this binary's own directory first on that `PATH`: the demo
-//! works from a build tree as well as from an installed binary.
+//! works from a build tree as well as from an installed binary. Under `--runtime docker` each
+//! job names the demo's image instead, which holds this binary on its own `PATH`; the model
+//! travels the same way, through `$GANTRY_INPUT_DIR` and `$GANTRY_OUTPUT_DIR` in the allocation
+//! directory the container has bind-mounted.
 
 use super::progress::JobLine;
 use super::summary::AgentPrices;
@@ -98,10 +101,18 @@ pub struct Outcome {
     pub serving_port: Option<u16>,
 }
 
-/// An example job with `env` pointing at this binary, and small CPU requests so that a laptop
-/// with two cores takes all of it; `adjust` adds what the demo asks of it.
-fn example(text: &str, adjust: impl FnOnce(&mut JobSpec)) -> Result<JobSpec> {
+/// An example job with `env` pointing at this binary (or naming `image`, which holds it), and
+/// small CPU requests so that a laptop with two cores takes all of it; `adjust` adds what the
+/// demo asks of it.
+fn example(text: &str, image: Option<&str>, adjust: impl FnOnce(&mut JobSpec)) -> Result<JobSpec> {
     let mut spec = parse_spec(text, SpecFormat::Yaml).context("parse a shipped example")?;
+    spec.resources.cpu_millis = 250;
+    spec.placement.prefer = PlacementPreference::Cheapest;
+    if let Some(image) = image {
+        spec.image = Some(image.to_string());
+        adjust(&mut spec);
+        return Ok(spec);
+    }
     let exe = std::env::current_exe().context("find this binary")?;
     let exe_dir = exe.parent().context("find this binary's directory")?;
     let path = match std::env::var_os("PATH") {
@@ -114,8 +125,6 @@ fn example(text: &str, adjust: impl FnOnce(&mut JobSpec)) -> Result<JobSpec> {
     };
     spec.env
         .insert("PATH".into(), path.to_string_lossy().into_owned());
-    spec.resources.cpu_millis = 250;
-    spec.placement.prefer = PlacementPreference::Cheapest;
     adjust(&mut spec);
     Ok(spec)
 }
@@ -267,8 +276,13 @@ impl KillWatch {
             let victim = prices[victim.as_str()].clone();
             fleet.kill_agent(&victim.name);
             self.killed_at = Some(Instant::now());
+            let how = if fleet.docker.is_some() {
+                "its task aborted and its containers force-removed, as the death of its host would end both"
+            } else {
+                "its task aborted, as SIGKILL would end an agent process"
+            };
             console.say(&format!(
-                "   killed {} ({}) mid-batch: its task aborted, as SIGKILL would end an agent process; its running shards {units:?} died with it. The coordinators hear nothing more and wait out its {} s TTL...",
+                "   killed {} ({}) mid-batch: {how}; its running shards {units:?} died with it. The coordinators hear nothing more and wait out its {} s TTL...",
                 victim.name,
                 victim.site,
                 super::AGENT_TTL.as_secs()
@@ -380,7 +394,9 @@ pub async fn run(
     };
 
     // 1. Training on one GPU per rank, on the cheapest GPUs.
-    let train_spec = example(TRAIN, |spec| spec.resources.n_gpus = 1)?;
+    let image = fleet.image().map(str::to_string);
+    let image = image.as_deref();
+    let train_spec = example(TRAIN, image, |spec| spec.resources.n_gpus = 1)?;
     let train_id = submit(fleet, &train_spec).await?;
     watch.console.say(&format!(
         "   training: {} ranks as one gang, 1 GPU each, placement.prefer cheapest",
@@ -411,7 +427,7 @@ pub async fn run(
     ));
 
     // 2. Batch inference over both GPU sites, one of which dies.
-    let infer_spec = example(INFER, |spec| {
+    let infer_spec = example(INFER, image, |spec| {
         spec.resources.n_gpus = 1;
         let batch = spec.batch.get_or_insert_with(Default::default);
         batch.n_shards = N_SHARDS;
@@ -445,6 +461,8 @@ pub async fn run(
             .iter()
             .find(|a| a.name == killed.name)
             .context("the killed agent is one of the fleet")?;
+        // Its host's containers are gone before it comes back: it has nothing to adopt.
+        fleet.settle_kills().await?;
         fleet.start_agent(agent, None)?;
         fleet
             .wait_nodes("the killed agent to be back", |nodes| {
@@ -462,7 +480,7 @@ pub async fn run(
     ));
 
     // 3. Serving, and a prediction asked of the served model.
-    let serve_spec = example(SERVE, |_| {})?;
+    let serve_spec = example(SERVE, image, |_| {})?;
     let serve_id = submit(fleet, &serve_spec).await?;
     let replicas = serve_spec.units() as usize;
     watch.console.say(&format!(

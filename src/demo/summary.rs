@@ -39,6 +39,9 @@ pub struct AllocationFigures {
     pub gpu_hours: f64,
     pub cpu_hours: f64,
     pub cost: f64,
+    /// Containers: the image as the agent resolved it when the unit started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// How many of a job's allocations one agent had, and how they ended.
@@ -166,6 +169,7 @@ fn allocation_figures(
         gpu_hours,
         cpu_hours,
         cost: gpu_hours * cost_per_gpu_hour + cpu_hours * cost_per_cpu_hour,
+        image: allocation.image.clone(),
     }
 }
 

@@ -12,7 +12,8 @@
 //! agent's work root (so two agents sharing a daemon never adopt each other's containers). The
 //! allocation's directory is bind-mounted at [`ALLOC_DIR_IN_CONTAINER`] (the daemon must see the
 //! agent's file system: a local daemon). CPU and memory limits are enforced (no swap beyond
-//! the memory limit), GPUs are requested from the `nvidia` driver only when assigned, a serving
+//! the memory limit), GPUs are requested from the `nvidia` driver only when assigned and found
+//! through NVML (a GPU declared in the config has no device to hand over), a serving
 //! replica's `PORT` is published on the same host port (the agent's health check connects to
 //! `127.0.0.1:PORT`). The environment is the unit's, then what Gantry adds (see [`render`]);
 //! nothing of the agent's environment is passed on. No restart policy: Gantry decides retries.
@@ -451,11 +452,14 @@ fn create_request(unit: &UnitSpec, work_root: &Path, image: &ResolvedImage) -> C
         (LABEL_IMAGE.to_string(), image.reference.clone()),
     ]);
     let port = unit.port.map(|port| format!("{port}/tcp"));
-    let device_requests = (!unit.gpus.is_empty()).then(|| {
+    // Declared GPUs have no device behind them that the NVIDIA toolkit could find: asking for
+    // one would fail every start on such a host, so the container gets only the found ones.
+    let devices: Vec<&GpuAssignment> = unit.gpus.iter().filter(|gpu| !gpu.declared).collect();
+    let device_requests = (!devices.is_empty()).then(|| {
         vec![DeviceRequest {
             driver: Some("nvidia".into()),
             device_ids: Some(
-                unit.gpus
+                devices
                     .iter()
                     .map(|gpu| gpu.uuid.clone().unwrap_or_else(|| gpu.index.to_string()))
                     .collect(),
@@ -1098,6 +1102,25 @@ async fn recover_units(inner: &Arc<Inner>) -> Vec<(String, Recovered)> {
     recovered
 }
 
+/// A file as a stream of chunks, for a request body; a read error ends it.
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buffer = vec![0; LOAD_READ_CHUNK_BYTES];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(n_bytes) => {
+                buffer.truncate(n_bytes);
+                Some((Ok(bytes::Bytes::from(buffer)), Some(file)))
+            }
+            // The error ends the body, and the stream after it.
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
 /// Loads the images of a tarball made by `docker save` into the local daemon (`docker load`),
 /// returning what it loaded: `name:tag` for tagged images, `sha256:…` for the others.
 pub async fn load_image(docker: &Docker, tar: &Path) -> Result<Vec<String>, String> {
@@ -1114,19 +1137,7 @@ pub async fn load_image(docker: &Docker, tar: &Path) -> Result<Vec<String>, Stri
             tar.display()
         ));
     }
-    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut buffer = vec![0; LOAD_READ_CHUNK_BYTES];
-        match file.read(&mut buffer).await {
-            Ok(0) => None,
-            Ok(n_bytes) => {
-                buffer.truncate(n_bytes);
-                Some((Ok(bytes::Bytes::from(buffer)), Some(file)))
-            }
-            // The error ends the body, and the stream after it.
-            Err(e) => Some((Err(e), None)),
-        }
-    });
+    let chunks = file_chunks(file);
     let options = ImportImageOptionsBuilder::default().quiet(true).build();
     let mut progress = std::pin::pin!(docker.import_image_stream(options, chunks, None));
     let mut loaded = Vec::new();
@@ -1157,6 +1168,94 @@ pub async fn load_image(docker: &Docker, tar: &Path) -> Result<Vec<String>, Stri
     Ok(loaded)
 }
 
+/// Imports a tarball of a root file system as an image (`docker import`) named `reference`
+/// (`name:tag`), with Dockerfile instructions applied to it (`changes`: `ENV …`, `LABEL …`,
+/// `CMD …`). Nothing is pulled. Returns the image id.
+pub async fn import_root_filesystem(
+    docker: &Docker,
+    tar: &Path,
+    reference: &str,
+    changes: Vec<String>,
+) -> Result<String, String> {
+    let file = tokio::fs::File::open(tar)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", tar.display()))?;
+    let (repository, tag) = match reference.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
+        _ => (reference, "latest"),
+    };
+    let options = CreateImageOptionsBuilder::default()
+        .from_src("-")
+        .repo(repository)
+        .tag(tag)
+        .changes(changes)
+        .build();
+    let body = bollard::body_try_stream(file_chunks(file));
+    let mut progress = std::pin::pin!(docker.create_image(Some(options), Some(body), None));
+    while let Some(step) = progress.next().await {
+        step.map_err(|e| format!("import {} as {reference}: {e}", tar.display()))?;
+    }
+    let inspect = docker
+        .inspect_image(reference)
+        .await
+        .map_err(|e| format!("inspect {reference} after importing it: {e}"))?;
+    inspect
+        .id
+        .ok_or_else(|| format!("the daemon gave no id for the image {reference}"))
+}
+
+/// A local image's id and labels, or `None` when the daemon has no image by that reference.
+pub async fn local_image(
+    docker: &Docker,
+    reference: &str,
+) -> Result<Option<(String, HashMap<String, String>)>, String> {
+    match docker.inspect_image(reference).await {
+        Ok(inspect) => Ok(Some((
+            inspect.id.unwrap_or_default(),
+            inspect
+                .config
+                .and_then(|config| config.labels)
+                .unwrap_or_default(),
+        ))),
+        Err(e) if status_of(&e) == Some(404) => Ok(None),
+        Err(e) => Err(format!("inspect the image {reference}: {e}")),
+    }
+}
+
+/// Force-removes, running or not, every container made by an agent whose work root lies under
+/// `root` (its [`LABEL_AGENT_ROOT`]): what a host's death does to its containers, and how a
+/// fleet of agents that share one data dir is cleared. Returns how many it removed.
+pub async fn remove_containers_under(docker: &Docker, root: &Path) -> Result<usize, String> {
+    let filters = HashMap::from([("label", vec![LABEL_AGENT_ROOT.to_string()])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| format!("list containers: {e}"))?;
+    let mut n_removed = 0;
+    for container in containers {
+        let under_root = container
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(LABEL_AGENT_ROOT))
+            .is_some_and(|agent_root| Path::new(agent_root).starts_with(root));
+        let Some(id) = container.id.filter(|_| under_root) else {
+            continue;
+        };
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match docker.remove_container(&id, Some(options)).await {
+            Ok(()) => n_removed += 1,
+            // Gone meanwhile: its agent removed it.
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(format!("remove the container {id}: {e}")),
+        }
+    }
+    Ok(n_removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1178,10 +1277,12 @@ mod tests {
                 GpuAssignment {
                     index: 3,
                     uuid: None,
+                    declared: false,
                 },
                 GpuAssignment {
                     index: 1,
                     uuid: Some("GPU-uuid-b".into()),
+                    declared: false,
                 },
             ],
             false,
@@ -1270,6 +1371,25 @@ mod tests {
         let env = body["Env"].as_array().unwrap();
         assert!(env.contains(&"CUDA_VISIBLE_DEVICES=".into()), "{env:?}");
         assert!(env.contains(&"NVIDIA_VISIBLE_DEVICES=".into()), "{env:?}");
+    }
+
+    #[test]
+    fn only_gpus_found_through_nvml_are_asked_of_the_driver() {
+        let mut mixed = unit("c-3");
+        mixed.gpus[0].declared = true;
+        let body = &render(&mixed, Path::new("/w"))["body"];
+        assert_eq!(
+            body["HostConfig"]["DeviceRequests"][0]["DeviceIDs"],
+            serde_json::json!(["GPU-uuid-b"]),
+            "{body}"
+        );
+
+        let mut declared = unit("c-4");
+        for gpu in &mut declared.gpus {
+            gpu.declared = true;
+        }
+        let body = &render(&declared, Path::new("/w"))["body"];
+        assert!(body["HostConfig"].get("DeviceRequests").is_none(), "{body}");
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct GpuAssignment {
     pub index: u32,
     pub uuid: Option<String>,
+    /// Declared in the agent config (`[[gpus]]`) rather than found through NVML. A container
+    /// runtime has no device to hand over for it: NVIDIA's container toolkit finds devices
+    /// through the same NVML that found none.
+    pub declared: bool,
 }
 
 /// Everything a runtime needs to start one unit (a worker, a shard or a replica).

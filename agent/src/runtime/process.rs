@@ -903,10 +903,12 @@ mod tests {
             GpuAssignment {
                 index: 0,
                 uuid: Some("GPU-uuid-a".into()),
+                declared: false,
             },
             GpuAssignment {
                 index: 1,
                 uuid: None,
+                declared: false,
             },
         ];
         check(
@@ -964,10 +966,12 @@ mod tests {
             GpuAssignment {
                 index: 0,
                 uuid: Some("GPU-uuid-a".into()),
+                declared: false,
             },
             GpuAssignment {
                 index: 1,
                 uuid: None,
+                declared: false,
             },
         ];
         let exit = h.run_to_exit(unit).await;

@@ -344,7 +344,11 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let gpus = (0..n_gpus)
-            .map(|index| GpuAssignment { index, uuid: None })
+            .map(|index| GpuAssignment {
+                index,
+                uuid: None,
+                declared: false,
+            })
             .collect();
         UnitSpec::new(allocation_id, "j-1", job, "node-a", &added_env, gpus, pull)
     }
