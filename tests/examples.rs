@@ -113,43 +113,16 @@ impl Fleet {
     /// first on the agent's PATH, as an installed `gantry` would be.
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let quic = format!("127.0.0.1:{}", free_udp_port());
-        let api = format!("127.0.0.1:{}", free_tcp_port());
-        let mut command = gantry();
-        command
-            .args(["coordinator", "--init", "--listen", &quic, "--http", &api])
-            .args(["--heartbeat-interval", "200ms", "--agent-ttl", "1500ms"])
-            .arg("--data-dir")
-            .arg(dir.path().join("coordinator"));
-        let coordinator = spawn_logged(command, &dir.path().join("coordinator.log"));
-        let token_path = dir.path().join("coordinator/admin.token");
-        let token = eventually("the admin token", Duration::from_secs(20), || {
-            let token_path = token_path.clone();
-            async move {
-                std::fs::read_to_string(&token_path)
-                    .ok()
-                    .filter(|t| !t.is_empty())
-            }
-        })
-        .await;
+        let coordinator = CoordinatorProcess::start(dir.path()).await;
+        let join = coordinator.join_token("agent").await;
+        let quic = coordinator.quic.clone();
         let mut fleet = Fleet {
             dir,
-            api,
-            token,
+            api: coordinator.http.clone(),
+            token: coordinator.token.clone(),
             http: reqwest::Client::new(),
-            processes: vec![coordinator],
+            processes: vec![coordinator.process],
         };
-        let join = eventually("an agent join token", Duration::from_secs(20), || async {
-            let answer = fleet
-                .request(
-                    reqwest::Method::POST,
-                    "/v1/tokens",
-                    Some(serde_json::json!({"role": "agent"})),
-                )
-                .await?;
-            answer["token"].as_str().map(str::to_string)
-        })
-        .await;
         let port_min = free_tcp_port().min(65_000);
         let config = format!(
             "name = \"cpu\"\nsite = \"onprem-a\"\nallow_process = true\n\

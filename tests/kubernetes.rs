@@ -986,41 +986,14 @@ async fn a_kubernetes_agent_registers_the_clusters_nodes_and_runs_a_batch_job() 
     let kubeconfig = dir.path().join("kubeconfig");
     fake.write_kubeconfig(&kubeconfig);
 
-    let quic = format!("127.0.0.1:{}", free_udp_port());
-    let http = format!("127.0.0.1:{}", free_tcp_port());
-    let mut command = gantry();
-    command
-        .args(["coordinator", "--init", "--listen", &quic, "--http", &http])
-        .args(["--heartbeat-interval", "200ms", "--agent-ttl", "1500ms"])
-        .arg("--data-dir")
-        .arg(dir.path().join("coordinator"));
-    let _coordinator = spawn_logged(command, &dir.path().join("coordinator.log"));
-    let token_path = dir.path().join("coordinator/admin.token");
-    let token = eventually("the admin token", WAIT, || {
-        let token_path = token_path.clone();
-        async move {
-            std::fs::read_to_string(&token_path)
-                .ok()
-                .filter(|t| !t.is_empty())
-        }
-    })
-    .await;
+    let coordinator = CoordinatorProcess::start(dir.path()).await;
+    let (quic, http, token) = (
+        coordinator.quic.clone(),
+        coordinator.http.clone(),
+        coordinator.token.clone(),
+    );
     let api = Api::new(http.parse().unwrap(), token.clone());
-    let join = eventually("an agent join token", WAIT, || {
-        let api = &api;
-        async move {
-            let response = reqwest::Client::new()
-                .post(format!("{}/v1/tokens", api.base))
-                .bearer_auth(&api.token)
-                .json(&json!({ "role": "agent" }))
-                .send()
-                .await
-                .ok()?;
-            let body: Value = response.json().await.ok()?;
-            body["token"].as_str().map(str::to_string)
-        }
-    })
-    .await;
+    let join = coordinator.join_token("agent").await;
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,

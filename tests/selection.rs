@@ -27,31 +27,13 @@ struct Coordinator {
 impl Coordinator {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let quic = format!("127.0.0.1:{}", free_udp_port());
-        let http = format!("127.0.0.1:{}", free_tcp_port());
-        let mut command = gantry();
-        command
-            .args(["coordinator", "--init", "--listen", &quic, "--http", &http])
-            .args(["--heartbeat-interval", "200ms", "--agent-ttl", "1500ms"])
-            .arg("--data-dir")
-            .arg(dir.path().join("coordinator"));
-        let process = spawn_logged(command, &dir.path().join("coordinator.log"));
-        let token_path = dir.path().join("coordinator/admin.token");
-        let token = eventually("the admin token", WAIT, || {
-            let token_path = token_path.clone();
-            async move {
-                std::fs::read_to_string(&token_path)
-                    .ok()
-                    .filter(|t| !t.is_empty())
-            }
-        })
-        .await;
+        let started = CoordinatorProcess::start(dir.path()).await;
         Self {
             dir,
-            quic,
-            http,
-            token,
-            _process: process,
+            quic: started.quic,
+            http: started.http,
+            token: started.token,
+            _process: started.process,
         }
     }
 

@@ -276,3 +276,65 @@ pub fn free_tcp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A coordinator started with `--init` as a process of the binary under test, with short
+/// heartbeats (200 ms, TTL 1.5 s), its data in `root/coordinator` and its log in
+/// `root/coordinator.log`.
+pub struct CoordinatorProcess {
+    pub quic: String,
+    pub http: String,
+    /// The admin token it wrote.
+    pub token: String,
+    pub process: ChildGuard,
+}
+
+impl CoordinatorProcess {
+    pub async fn start(root: &Path) -> Self {
+        let quic = format!("127.0.0.1:{}", free_udp_port());
+        let http = format!("127.0.0.1:{}", free_tcp_port());
+        let mut command = gantry();
+        command
+            .args(["coordinator", "--init", "--listen", &quic, "--http", &http])
+            .args(["--heartbeat-interval", "200ms", "--agent-ttl", "1500ms"])
+            .arg("--data-dir")
+            .arg(root.join("coordinator"));
+        let process = spawn_logged(command, &root.join("coordinator.log"));
+        let token_path = root.join("coordinator/admin.token");
+        let token = eventually("the admin token", Duration::from_secs(20), || {
+            let token_path = token_path.clone();
+            async move {
+                std::fs::read_to_string(&token_path)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+            }
+        })
+        .await;
+        Self {
+            quic,
+            http,
+            token,
+            process,
+        }
+    }
+
+    /// A join token for `role` (`agent` or `coordinator`), asked of the API until it answers.
+    pub async fn join_token(&self, role: &str) -> String {
+        let client = reqwest::Client::new();
+        eventually(
+            &format!("a {role} join token"),
+            Duration::from_secs(20),
+            || async {
+                let response = client
+                    .post(format!("http://{}/v1/tokens", self.http))
+                    .bearer_auth(&self.token)
+                    .json(&serde_json::json!({ "role": role }))
+                    .send()
+                    .await
+                    .ok()?;
+                let body: serde_json::Value = response.json().await.ok()?;
+                body["token"].as_str().map(str::to_string)
+            },
+        )
+        .await
+    }
+}
