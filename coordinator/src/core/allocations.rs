@@ -81,8 +81,30 @@ impl Allocation {
     }
 }
 
-fn spec_of(spec_json: &str) -> Option<JobSpec> {
-    serde_json::from_str(spec_json).ok()
+/// Parsed specs remembered at most; the memo starts over beyond this.
+const PARSED_SPECS_MAX: usize = 100_000;
+
+/// A job's spec from its canonical JSON. Every scheduling pass builds the queue and the cluster
+/// view from every live job and allocation, and parsing their specs was most of that work; so
+/// each distinct text is parsed once and remembered. A pure function's memo: the answer is the
+/// same with or without it.
+pub(crate) fn spec_of(spec_json: &str) -> Option<JobSpec> {
+    thread_local! {
+        static PARSED: std::cell::RefCell<std::collections::HashMap<String, Option<JobSpec>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    PARSED.with(|parsed| {
+        let mut parsed = parsed.borrow_mut();
+        if let Some(spec) = parsed.get(spec_json) {
+            return spec.clone();
+        }
+        if parsed.len() >= PARSED_SPECS_MAX {
+            parsed.clear();
+        }
+        let spec: Option<JobSpec> = serde_json::from_str(spec_json).ok();
+        parsed.insert(spec_json.to_string(), spec.clone());
+        spec
+    })
 }
 
 impl State {

@@ -40,21 +40,14 @@ pub struct ReplicaRoute {
     pub healthy: bool,
 }
 
-/// The two fields of a spec the routes need, without decoding the rest.
-#[derive(serde::Deserialize)]
-struct NameAndKind {
-    name: String,
-    kind: String,
-}
-
 impl ServingRoutes {
     pub fn from_state(state: &State) -> Self {
         let mut serving: BTreeMap<&str, (String, u64)> = BTreeMap::new();
         for job in state.jobs.values().filter(|job| !job.state.is_final()) {
-            let Ok(spec) = serde_json::from_str::<NameAndKind>(&job.spec_json) else {
+            let Some(spec) = crate::core::allocations::spec_of(&job.spec_json) else {
                 continue;
             };
-            if spec.kind == "serving" {
+            if spec.kind == gantry_protocol::jobspec::JobKind::Serving {
                 serving.insert(&job.id, (spec.name, job.index));
             }
         }
