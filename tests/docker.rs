@@ -619,36 +619,11 @@ struct Fleet {
 impl Fleet {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let quic = format!("127.0.0.1:{}", free_udp_port());
-        let api = format!("127.0.0.1:{}", free_tcp_port());
-        let mut command = gantry();
         // A TTL long enough for an agent to be restarted before it is declared down.
-        command.args([
-            "coordinator",
-            "--init",
-            "--listen",
-            &quic,
-            "--http",
-            &api,
-            "--heartbeat-interval",
-            "200ms",
-            "--agent-ttl",
-            "30s",
-        ]);
-        command
-            .arg("--data-dir")
-            .arg(dir.path().join("coordinator"));
-        let coordinator = spawn_logged(command, &dir.path().join("coordinator.log"));
-        let token_path = dir.path().join("coordinator/admin.token");
-        let token = eventually("the admin token", Duration::from_secs(20), || {
-            let token_path = token_path.clone();
-            async move {
-                std::fs::read_to_string(&token_path)
-                    .ok()
-                    .filter(|t| !t.is_empty())
-            }
-        })
-        .await;
+        let started = CoordinatorProcess::start_with_ttl(dir.path(), "30s").await;
+        let join = started.join_token("agent").await;
+        let (quic, api, token) = (started.quic, started.http, started.token);
+        let coordinator = started.process;
         let cleanup = ContainerCleanup(dir.path().join("agent/allocations").display().to_string());
         let mut fleet = Self {
             dir,
@@ -660,17 +635,6 @@ impl Fleet {
             http: reqwest::Client::new(),
             _cleanup: cleanup,
         };
-        let join = eventually("an agent join token", Duration::from_secs(20), || async {
-            let response = fleet
-                .request(
-                    reqwest::Method::POST,
-                    "/v1/tokens",
-                    Some(serde_json::json!({"role": "agent"})),
-                )
-                .await?;
-            response["token"].as_str().map(str::to_string)
-        })
-        .await;
         fleet.agent = Some(fleet.start_agent(Some(&join)));
         eventually(
             "a ready agent offering Docker",

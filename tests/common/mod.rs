@@ -290,12 +290,18 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub async fn start(root: &Path) -> Self {
+        Self::start_with_ttl(root, "1500ms").await
+    }
+
+    /// As [`CoordinatorProcess::start`], with another agent TTL (a test that restarts an agent
+    /// before it may be declared down wants a long one).
+    pub async fn start_with_ttl(root: &Path, agent_ttl: &str) -> Self {
         let quic = format!("127.0.0.1:{}", free_udp_port());
         let http = format!("127.0.0.1:{}", free_tcp_port());
         let mut command = gantry();
         command
             .args(["coordinator", "--init", "--listen", &quic, "--http", &http])
-            .args(["--heartbeat-interval", "200ms", "--agent-ttl", "1500ms"])
+            .args(["--heartbeat-interval", "200ms", "--agent-ttl", agent_ttl])
             .arg("--data-dir")
             .arg(root.join("coordinator"));
         let process = spawn_logged(command, &root.join("coordinator.log"));
