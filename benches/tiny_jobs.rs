@@ -145,7 +145,9 @@ async fn main() {
             .count();
         assert_eq!(failed, 0, "a tiny job failed");
         if done == n_jobs {
-            break started.elapsed();
+            let elapsed = started.elapsed();
+            print_stages(&jobs);
+            break elapsed;
         }
         assert!(
             Instant::now() < deadline,
@@ -160,4 +162,47 @@ async fn main() {
         "throughput           {:.0} jobs/s",
         n_jobs as f64 / finished.as_secs_f64()
     );
+}
+
+/// Where the time went: from each job's submission to its unit's start, and from the start to
+/// the end, on the coordinator's clock; and how many units started and ended in each 250 ms.
+fn print_stages(jobs: &serde_json::Value) {
+    let mut waits = Vec::new();
+    let mut runs = Vec::new();
+    let mut points = Vec::new();
+    for job in jobs.as_array().unwrap() {
+        let submitted = job["submitted_at_unix_ms"].as_u64().unwrap();
+        for allocation in job["allocations"].as_array().unwrap() {
+            let started = allocation["started_at_unix_ms"].as_u64();
+            let ended = allocation["ended_at_unix_ms"].as_u64();
+            if let (Some(started), Some(ended)) = (started, ended) {
+                waits.push(started.saturating_sub(submitted));
+                runs.push(ended.saturating_sub(started));
+                points.push((submitted, started, ended));
+            }
+        }
+    }
+    if points.is_empty() {
+        return;
+    }
+    waits.sort_unstable();
+    runs.sort_unstable();
+    let at = |v: &[u64], f: f64| v[((v.len() - 1) as f64 * f) as usize];
+    println!(
+        "submitted -> started p50 {} ms, p99 {} ms; started -> ended p50 {} ms, p99 {} ms",
+        at(&waits, 0.5),
+        at(&waits, 0.99),
+        at(&runs, 0.5),
+        at(&runs, 0.99)
+    );
+    let first = points.iter().map(|p| p.0).min().unwrap();
+    let bucket = |t: u64| ((t - first) / 250) as usize;
+    let last = points.iter().map(|p| bucket(p.2)).max().unwrap();
+    let mut counts = vec![(0, 0, 0); last + 1];
+    for (submitted, started, ended) in points {
+        counts[bucket(submitted)].0 += 1;
+        counts[bucket(started)].1 += 1;
+        counts[bucket(ended)].2 += 1;
+    }
+    println!("per 250 ms (submitted, started, ended): {counts:?}");
 }

@@ -445,13 +445,7 @@ impl Coordinator {
     }
 
     fn with_allocations(&self, job: &Job) -> JobWithAllocations {
-        let allocations = self
-            .state()
-            .allocations
-            .values()
-            .filter(|a| a.job_id == job.id)
-            .cloned()
-            .collect();
+        let allocations = self.state().allocations_of(&job.id).cloned().collect();
         (job.clone(), allocations)
     }
 

@@ -60,11 +60,31 @@ impl BoundedLog {
         log_bytes_max: u64,
         rotation: &Arc<RwLock<()>>,
     ) -> io::Result<Self> {
+        let (dir, name, rotation) = (dir.to_path_buf(), name.to_string(), Arc::clone(rotation));
+        tokio::task::spawn_blocking(move || {
+            Self::open_blocking(&dir, &name, log_bytes_max, &rotation)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// [`BoundedLog::open`] for a caller already off the async threads: a few small file
+    /// operations, done in one go rather than one blocking-pool trip each.
+    pub(crate) fn open_blocking(
+        dir: &Path,
+        name: &str,
+        log_bytes_max: u64,
+        rotation: &Arc<RwLock<()>>,
+    ) -> io::Result<Self> {
         let path = dir.join(name);
         let base_path = dir.join(format!("{name}{BASE_SUFFIX}"));
-        let base_bytes = read_base(&base_path).await?;
-        let file = open_append(&path).await?;
-        let len_bytes = file.metadata().await?.len();
+        let base_bytes = read_base_blocking(&base_path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let len_bytes = file.metadata()?.len();
+        let file = tokio::fs::File::from_std(file);
         Ok(Self {
             rotated_path: dir.join(format!("{name}{ROTATED_SUFFIX}")),
             base_path,
@@ -169,6 +189,19 @@ pub(crate) async fn read_logs(
 /// The offset of a log's first byte within its stream, from its `.base` file (0 when absent).
 async fn read_base(path: &Path) -> io::Result<u64> {
     match tokio::fs::read_to_string(path).await {
+        Ok(text) => text.trim().parse().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} does not hold an offset: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_base_blocking(path: &Path) -> io::Result<u64> {
+    match std::fs::read_to_string(path) {
         Ok(text) => text.trim().parse().map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod kubernetes;
 pub(crate) mod logs;
 pub mod process;
+mod spawn;
 
 use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::RuntimeKind;

@@ -29,6 +29,7 @@ use super::logs::{
     is_safe_allocation_id, read_logs, read_logs_from, BoundedLog, ALLOCATION_ID_BYTES_MAX,
     STDERR_LOG, STDOUT_LOG,
 };
+use super::spawn::{self, SpawnRequest, Spawned, UnitProcess};
 use super::{
     gantry_env, visible_devices, BoxFuture, Exit, LogRead, Runtime, RuntimeConfig, RuntimeError,
     RuntimeEvent, UnitSpec,
@@ -39,11 +40,12 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, RwLock};
 use tokio::task::JoinHandle;
 
@@ -69,10 +71,10 @@ const LOG_READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Runs units as child processes. See the module documentation for the policies.
 ///
-/// Children are forked by one dedicated spawner thread that lives exactly as long as this
-/// runtime. `PR_SET_PDEATHSIG` fires when the *thread* that forked a child exits, not the
-/// process, so spawning from tokio's blocking pool (whose threads exit when idle) would kill units
-/// at random; the dedicated thread only exits when the runtime is dropped, and then killing the
+/// Children are started (see [`super::spawn`]: `clone(CLONE_VM | CLONE_VFORK)`, not `fork`) by
+/// one dedicated spawner thread that lives exactly as long as this runtime. `PR_SET_PDEATHSIG`
+/// fires when the *thread* that started a child exits, not the process, so spawning from tokio's
+/// blocking pool (whose threads exit when idle) would kill units at random; the dedicated thread only exits when the runtime is dropped, and then killing the
 /// units is what we want. Dropping the runtime without [`Runtime::shutdown`] kills its units'
 /// groups without grace (they are reported `Stopped`).
 pub struct ProcessRuntime {
@@ -86,9 +88,10 @@ pub struct ProcessRuntime {
 struct Inner {
     config: RuntimeConfig,
     events: mpsc::UnboundedSender<RuntimeEvent>,
-    /// Units started and not yet reported exited. Held across a start, so starts are serialised
-    /// and `stop`, `running` and `shutdown` never see a half-started unit.
-    units: Mutex<BTreeMap<String, UnitHandle>>,
+    /// Units being started, and units started and not yet reported exited. Held only briefly:
+    /// starts run side by side, each reserving its allocation id with a [`Slot::Starting`] first,
+    /// so a unit is never started twice and `stop` waits for a start in progress.
+    units: Mutex<BTreeMap<String, Slot>>,
     shutting_down: AtomicBool,
     /// Held for writing while a log rotates (rare: once per `log_bytes_max` of output), for
     /// reading while logs are read.
@@ -96,6 +99,21 @@ struct Inner {
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
+
+enum Slot {
+    /// Its start is in progress; the receiver learns when that start ends (the sender drops).
+    Starting(watch::Receiver<()>),
+    Running(UnitHandle),
+}
+
+impl Slot {
+    fn running(&self) -> Option<&UnitHandle> {
+        match self {
+            Slot::Running(handle) => Some(handle),
+            Slot::Starting(_) => None,
+        }
+    }
+}
 
 /// What `stop` needs of a running unit; its monitor task owns the rest.
 #[derive(Clone)]
@@ -146,7 +164,7 @@ impl Drop for ProcessRuntime {
         // it be held anyway, the spawner thread's end still SIGKILLs every unit's main process
         // and its monitor then kills the rest of its group.
         if let Ok(units) = self.inner.units.try_lock() {
-            for handle in units.values() {
+            for handle in units.values().filter_map(Slot::running) {
                 let _ = handle.control.send(Control::Kill);
             }
         }
@@ -165,7 +183,19 @@ impl Runtime for ProcessRuntime {
     fn stop(&self, allocation_id: &str, grace: Duration) -> BoxFuture<'_, ()> {
         let allocation_id = allocation_id.to_owned();
         Box::pin(async move {
-            let handle = self.inner.units.lock().await.get(&allocation_id).cloned();
+            let handle = loop {
+                let starting = match self.inner.units.lock().await.get(&allocation_id) {
+                    None => break None,
+                    Some(Slot::Running(handle)) => break Some(handle.clone()),
+                    Some(Slot::Starting(started)) => started.clone(),
+                };
+                // Wait for the start to end (its sender drops), then look again.
+                let mut started = starting;
+                if started.changed().await.is_err() {
+                    // The start has ended; its slot may take a moment more to go.
+                    tokio::task::yield_now().await;
+                }
+            };
             if let Some(handle) = handle {
                 stop_units(vec![(allocation_id, handle)], grace).await;
             }
@@ -174,7 +204,14 @@ impl Runtime for ProcessRuntime {
 
     /// Sorted. A unit is listed until its `Exited` event is sent.
     fn running(&self) -> BoxFuture<'_, Vec<String>> {
-        Box::pin(async move { self.inner.units.lock().await.keys().cloned().collect() })
+        Box::pin(async move {
+            let units = self.inner.units.lock().await;
+            units
+                .iter()
+                .filter(|(_, slot)| slot.running().is_some())
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
     }
 
     fn logs(
@@ -216,10 +253,11 @@ impl Runtime for ProcessRuntime {
             let handles: Vec<_> = {
                 let units = self.inner.units.lock().await;
                 // Under the lock: no start can slip in between the flag and the snapshot.
+                // A start still in progress sees the flag when it finishes and kills its unit.
                 self.inner.shutting_down.store(true, Ordering::SeqCst);
                 units
                     .iter()
-                    .map(|(id, handle)| (id.clone(), handle.clone()))
+                    .filter_map(|(id, slot)| Some((id.clone(), slot.running()?.clone())))
                     .collect()
             };
             if !handles.is_empty() {
@@ -333,63 +371,6 @@ fn unit_env(
     env
 }
 
-fn build_command(
-    unit: &UnitSpec,
-    work_dir: &Path,
-    env: BTreeMap<OsString, OsString>,
-) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(&unit.command[0]);
-    command
-        .args(&unit.command[1..])
-        .env_clear()
-        .envs(env)
-        .current_dir(work_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so `stop` reaches what the unit starts, and a terminal's signals
-        // (Ctrl-C on a foreground agent) do not reach the unit directly: the agent stops it.
-        .process_group(0);
-    let agent_pid = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (prctl, getppid); it neither allocates nor takes locks.
-    unsafe {
-        command.pre_exec(move || die_with_agent(agent_pid));
-    }
-    command
-}
-
-/// In the child before exec: have the kernel SIGKILL it when its parent thread (the spawner
-/// thread, see [`ProcessRuntime`]) dies.
-#[cfg(target_os = "linux")]
-fn die_with_agent(agent_pid: libc::pid_t) -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
-    if unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // The agent may have died between fork and prctl; then the signal never comes.
-    // SAFETY: getppid cannot fail.
-    if unsafe { libc::getppid() } != agent_pid {
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    Ok(())
-}
-
-/// Only Linux has PDEATHSIG: elsewhere units survive an abrupt end of the agent.
-#[cfg(not(target_os = "linux"))]
-fn die_with_agent(_agent_pid: libc::pid_t) -> io::Result<()> {
-    Ok(())
-}
-
 fn start_spawner_thread() -> io::Result<std::sync::mpsc::Sender<SpawnJob>> {
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SpawnJob>();
     std::thread::Builder::new()
@@ -407,28 +388,37 @@ fn start_spawner_thread() -> io::Result<std::sync::mpsc::Sender<SpawnJob>> {
     Ok(jobs_tx)
 }
 
-/// Forks `command` on the spawner thread, registered with the caller's tokio runtime.
+/// Starts a unit's process on the spawner thread (see [`spawn`] for how).
 async fn spawn_on_spawner_thread(
     spawner: &Result<std::sync::mpsc::Sender<SpawnJob>, String>,
-    mut command: tokio::process::Command,
-) -> io::Result<tokio::process::Child> {
+    unit: &UnitSpec,
+    work_dir: &Path,
+) -> io::Result<Spawned> {
     let spawner = spawner
         .as_ref()
         .map_err(|reason| io::Error::other(reason.clone()))?;
-    let tokio_handle = tokio::runtime::Handle::current();
+    let command = unit.command.clone();
+    let env: Vec<(OsString, OsString)> = unit_env(unit, work_dir, std::env::vars_os())
+        .into_iter()
+        .collect();
+    let work_dir = work_dir.to_path_buf();
     let (reply_tx, reply_rx) = oneshot::channel();
     spawner
         .send(Box::new(move || {
-            let _runtime = tokio_handle.enter();
-            if let Err(Ok(child)) = reply_tx.send(command.spawn()) {
-                // The start was cancelled while the child was forked: nobody would watch it.
-                if let Some(pid) = child.id() {
-                    ProcessGroup {
-                        pgid: pid as libc::pid_t,
-                        armed: true,
-                    }
-                    .signal(libc::SIGKILL);
+            let spawned = spawn::spawn(SpawnRequest {
+                command: &command,
+                env,
+                cwd: &work_dir,
+                agent_pid: std::process::id() as libc::pid_t,
+            });
+            if let Err(Ok(spawned)) = reply_tx.send(spawned) {
+                // The start was cancelled while the child was starting: nobody would watch it.
+                ProcessGroup {
+                    pgid: spawned.pid,
+                    armed: true,
                 }
+                .signal(libc::SIGKILL);
+                spawn::reap_blocking(spawned.pid);
             }
         }))
         .map_err(|_| io::Error::other("the spawner thread has exited"))?;
@@ -444,47 +434,63 @@ async fn start_unit(
 ) -> Result<(), RuntimeError> {
     check_unit(&unit)?;
     let allocation_id = unit.allocation_id.clone();
-    let mut units = inner.units.lock().await;
-    if inner.shutting_down.load(Ordering::SeqCst) {
-        return Err(start_error(
-            &allocation_id,
-            "the process runtime is shutting down",
-        ));
-    }
-    if units.contains_key(&allocation_id) {
-        tracing::debug!(allocation = %allocation_id, "already running; start ignored");
-        return Ok(());
-    }
+    let _starting = {
+        let mut units = inner.units.lock().await;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(start_error(
+                &allocation_id,
+                "the process runtime is shutting down",
+            ));
+        }
+        if units.contains_key(&allocation_id) {
+            tracing::debug!(allocation = %allocation_id, "already started; start ignored");
+            return Ok(());
+        }
+        let (starting, started) = watch::channel(());
+        units.insert(allocation_id.clone(), Slot::Starting(started));
+        // Dropped when this start ends, however it ends: that wakes a `stop` waiting on it, and
+        // a failed start frees the id.
+        StartingGuard {
+            inner: Arc::clone(inner),
+            allocation_id: allocation_id.clone(),
+            _starting: starting,
+        }
+    };
 
     let work_dir = inner.config.work_root.join(&allocation_id);
-    tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
-        start_error(
-            &allocation_id,
-            format!("create the working directory {}: {e}", work_dir.display()),
-        )
-    })?;
-    let log_bytes_max = inner.config.log_bytes_max;
-    let rotation = &inner.log_rotation;
-    let stdout_log = BoundedLog::open(&work_dir, STDOUT_LOG, log_bytes_max, rotation)
+    let (stdout_log, stderr_log) = {
+        let (dir, log_bytes_max) = (work_dir.clone(), inner.config.log_bytes_max);
+        let rotation = Arc::clone(&inner.log_rotation);
+        // One blocking-pool trip for the directory and both logs.
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("create the working directory {}: {e}", dir.display()))?;
+            let open = |name: &str| {
+                BoundedLog::open_blocking(&dir, name, log_bytes_max, &rotation)
+                    .map_err(|e| format!("open {name}: {e}"))
+            };
+            Ok::<_, String>((open(STDOUT_LOG)?, open(STDERR_LOG)?))
+        })
         .await
-        .map_err(|e| start_error(&allocation_id, format!("open {STDOUT_LOG}: {e}")))?;
-    let stderr_log = BoundedLog::open(&work_dir, STDERR_LOG, log_bytes_max, rotation)
-        .await
-        .map_err(|e| start_error(&allocation_id, format!("open {STDERR_LOG}: {e}")))?;
+        .map_err(|e| start_error(&allocation_id, e.to_string()))?
+        .map_err(|reason| start_error(&allocation_id, reason))?
+    };
 
-    let command = build_command(
-        &unit,
-        &work_dir,
-        unit_env(&unit, &work_dir, std::env::vars_os()),
-    );
-    let mut child = spawn_on_spawner_thread(spawner, command)
+    let spawned = spawn_on_spawner_thread(spawner, &unit, &work_dir)
         .await
         .map_err(|e| start_error(&allocation_id, format!("run {:?}: {e}", unit.command[0])))?;
-    let pid = child
-        .id()
-        .expect("a child just spawned has not been reaped");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
+    let pid = spawned.pid;
+    let group = ProcessGroup {
+        pgid: pid,
+        armed: true,
+    };
+    let watched = UnitProcess::new(pid, spawned.pidfd).and_then(|child| {
+        let stdout = pipe::Receiver::from_owned_fd(spawned.stdout)?;
+        let stderr = pipe::Receiver::from_owned_fd(spawned.stderr)?;
+        Ok((child, stdout, stderr))
+    });
+    let (child, stdout, stderr) = watched
+        .map_err(|e| start_error(&allocation_id, format!("watch the started process: {e}")))?;
     tracing::info!(allocation = %allocation_id, job = %unit.job_id, pid, "unit started");
 
     let log_copiers = [
@@ -493,22 +499,31 @@ async fn start_unit(
     ];
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (exited_tx, exited_rx) = watch::channel(false);
+    let mut units = inner.units.lock().await;
+    if inner.shutting_down.load(Ordering::SeqCst) {
+        // `shutdown` took its list while this unit was starting: it is not on it.
+        drop(group);
+        for copier in log_copiers {
+            copier.abort();
+        }
+        return Err(start_error(
+            &allocation_id,
+            "the process runtime is shutting down",
+        ));
+    }
     units.insert(
         allocation_id.clone(),
-        UnitHandle {
+        Slot::Running(UnitHandle {
             control: control_tx,
             exited: exited_rx,
-        },
+        }),
     );
     // Before the monitor exists, so `Started` always precedes `Exited`.
     let _ = inner.events.send(RuntimeEvent::Started {
         allocation_id: allocation_id.clone(),
         image: None,
     });
-    let group = ProcessGroup {
-        pgid: pid as libc::pid_t,
-        armed: true,
-    };
+    drop(units);
     tokio::spawn(monitor(
         Arc::clone(inner),
         allocation_id,
@@ -519,6 +534,35 @@ async fn start_unit(
         log_copiers,
     ));
     Ok(())
+}
+
+/// A start in progress. When it ends without the unit running (an error, or the start's future
+/// dropped), the allocation's [`Slot::Starting`] is removed; dropping the watch sender wakes
+/// whoever waits on it.
+struct StartingGuard {
+    inner: Arc<Inner>,
+    allocation_id: String,
+    _starting: watch::Sender<()>,
+}
+
+impl Drop for StartingGuard {
+    fn drop(&mut self) {
+        let inner = Arc::clone(&self.inner);
+        let allocation_id = std::mem::take(&mut self.allocation_id);
+        let remove = move |units: &mut BTreeMap<String, Slot>| {
+            if matches!(units.get(&allocation_id), Some(Slot::Starting(_))) {
+                units.remove(&allocation_id);
+            }
+        };
+        if let Ok(mut units) = inner.units.try_lock() {
+            remove(&mut units);
+            return;
+        }
+        // Contended: finish in a task rather than block a drop.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { remove(&mut *inner.units.lock().await) });
+        }
+    }
 }
 
 /// A unit's process group (its id is the main process's pid). Killed with SIGKILL if dropped
@@ -559,7 +603,7 @@ impl Drop for ProcessGroup {
 async fn monitor(
     inner: Arc<Inner>,
     allocation_id: String,
-    mut child: tokio::process::Child,
+    mut child: UnitProcess,
     mut group: ProcessGroup,
     mut control: mpsc::UnboundedReceiver<Control>,
     exited: watch::Sender<bool>,
@@ -692,6 +736,7 @@ mod tests {
     use super::*;
     use crate::runtime::logs::ROTATED_SUFFIX;
     use crate::runtime::GpuAssignment;
+    use std::collections::BTreeSet;
     use std::path::PathBuf;
     use std::time::Instant;
 
@@ -1242,6 +1287,114 @@ mod tests {
         h.assert_no_more_events().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn starts_run_side_by_side_and_a_stop_waits_for_a_start_in_progress() {
+        let mut h = harness(LOG_BYTES_MAX);
+        let runtime = Arc::new(h.runtime);
+        let ids: Vec<String> = (0..24).map(|i| format!("side-{i}")).collect();
+        let starts: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (runtime, unit) = (Arc::clone(&runtime), unit(id, &["sleep", "30"]));
+                tokio::spawn(async move { runtime.start(unit).await })
+            })
+            .collect();
+        // Once every start has reserved its id, and while most are still in flight: a stop that
+        // finds its unit starting waits for the start, then stops the unit.
+        let deadline = Instant::now() + EVENT_WAIT;
+        while runtime.inner.units.lock().await.len() < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "the starts never reserved their ids"
+            );
+            tokio::task::yield_now().await;
+        }
+        let stops: Vec<_> = ids
+            .iter()
+            .step_by(2)
+            .map(|id| {
+                let (runtime, id) = (Arc::clone(&runtime), id.clone());
+                tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(5)).await })
+            })
+            .collect();
+        for start in starts {
+            start.await.unwrap().unwrap();
+        }
+        for stop in stops {
+            stop.await.unwrap();
+        }
+        let mut started = BTreeSet::new();
+        let mut exited = BTreeMap::new();
+        let deadline = Instant::now() + EVENT_WAIT;
+        while started.len() < ids.len() || exited.len() < ids.len() / 2 {
+            assert!(
+                Instant::now() < deadline,
+                "started {started:?}, exited {exited:?}"
+            );
+            match tokio::time::timeout(EVENT_WAIT, h.events.recv()).await {
+                Ok(Some(RuntimeEvent::Started { allocation_id, .. })) => {
+                    assert!(started.insert(allocation_id), "a unit started twice");
+                }
+                Ok(Some(RuntimeEvent::Exited {
+                    allocation_id,
+                    exit,
+                })) => {
+                    assert!(started.contains(&allocation_id), "exit before start");
+                    exited.insert(allocation_id, exit);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // A stop that found its unit starting never returned before the unit was there to stop:
+        // exactly the stopped half exited, as `Stopped`; the other half still runs.
+        let stopped: BTreeMap<String, Exit> = ids
+            .iter()
+            .step_by(2)
+            .map(|id| (id.clone(), Exit::Stopped))
+            .collect();
+        assert_eq!(exited, stopped);
+        let running: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
+        let mut listed = runtime.running().await;
+        listed.sort();
+        let mut expected = running.clone();
+        expected.sort();
+        assert_eq!(listed, expected);
+        runtime.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_unit_starts_with_default_signal_handling_and_a_path_search() {
+        let mut h = harness(LOG_BYTES_MAX);
+        // `grep` found through the unit's PATH; nothing blocked, SIGPIPE not ignored (Rust
+        // ignores it in the agent), so a unit writing to a closed pipe ends as a shell expects.
+        let exit = h
+            .run_to_exit(unit(
+                "signals",
+                &["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"],
+            ))
+            .await;
+        assert_eq!(exit, Exit::Code(0));
+        let stdout = h.wait_for_stdout("signals", "SigIgn").await;
+        let mask = |name: &str| {
+            let line = stdout.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{stdout}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{stdout}");
+
+        let missing = h
+            .runtime
+            .start(unit("missing", &["no-such-program-here"]))
+            .await;
+        let Err(RuntimeError::Start { reason, .. }) = missing else {
+            panic!("{missing:?}")
+        };
+        assert!(reason.contains("No such file or directory"), "{reason}");
+        // The failed start left nothing behind: the id can be started again.
+        assert_eq!(h.runtime.running().await, Vec::<String>::new());
+        h.assert_no_more_events().await;
+    }
+
     #[tokio::test]
     async fn refuses_units_it_cannot_run() {
         let mut h = harness(LOG_BYTES_MAX);
@@ -1429,8 +1582,8 @@ mod tests {
                 "--test-threads=1",
             ])
             .env(AGENT_HELPER_DIR, dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let pid_file = dir.path().join("orphan-to-be").join("leader.pid");

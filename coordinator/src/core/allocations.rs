@@ -108,13 +108,20 @@ pub(crate) fn spec_of(spec_json: &str) -> Option<JobSpec> {
 }
 
 impl State {
+    /// Every allocation made for `job_id`, ended ones included.
+    pub fn allocations_of<'a>(&'a self, job_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.allocations_by_job
+            .get(job_id)
+            .into_iter()
+            .flatten()
+            .map(|id| &self.allocations[id])
+    }
+
     fn active_allocations_of<'a>(
         &'a self,
         job_id: &'a str,
     ) -> impl Iterator<Item = &'a Allocation> + 'a {
-        self.allocations
-            .values()
-            .filter(move |a| a.job_id == job_id && !a.is_final())
+        self.allocations_of(job_id).filter(|a| !a.is_final())
     }
 
     /// Units of `job` that want a placement now; `now_unix_ms` holds back retries in backoff.
@@ -162,9 +169,8 @@ impl State {
             return true;
         }
         let last_end = self
-            .allocations
-            .values()
-            .filter(|a| a.job_id == job_id && a.unit == unit)
+            .allocations_of(job_id)
+            .filter(|a| a.unit == unit)
             .map(|a| a.updated_at_unix_ms)
             .max()
             .unwrap_or(0);
@@ -559,6 +565,10 @@ impl State {
                     env.insert("REPLICA_INDEX".into(), entry.unit.to_string());
                 }
             }
+            self.allocations_by_job
+                .entry(job_id.to_string())
+                .or_default()
+                .insert(id.clone());
             self.allocations.insert(
                 id.clone(),
                 Allocation {
@@ -662,12 +672,13 @@ impl State {
     }
 
     pub(crate) fn stop_job_allocations(&mut self, job_id: &str, at: u64) {
-        for allocation in self
-            .allocations
-            .values_mut()
-            .filter(|a| a.job_id == job_id && !a.is_final())
-        {
-            if !allocation.stop_requested {
+        let ids = self.allocations_by_job.get(job_id).into_iter().flatten();
+        for id in ids {
+            let allocation = self
+                .allocations
+                .get_mut(id)
+                .expect("the index names only allocations that exist");
+            if !allocation.is_final() && !allocation.stop_requested {
                 allocation.stop_requested = true;
                 allocation.updated_at_unix_ms = at;
             }

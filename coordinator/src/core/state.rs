@@ -166,6 +166,11 @@ pub struct State {
     pub agents: BTreeMap<String, AgentRecord>,
     pub jobs: BTreeMap<String, Job>,
     pub allocations: BTreeMap<String, crate::core::allocations::Allocation>,
+    /// Each job's allocation ids, in id order like `allocations`: derived from `allocations` (rebuilt when a
+    /// snapshot is decoded, never encoded), so that a job's allocations are found without a scan
+    /// of every allocation ever made.
+    #[serde(skip)]
+    pub(crate) allocations_by_job: BTreeMap<String, BTreeSet<String>>,
     /// GPUs each team may hold at once.
     pub quotas: BTreeMap<String, u32>,
     pub policy: gantry_protocol::replicated::Policy,
@@ -458,7 +463,16 @@ impl State {
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(format!("snapshot format {version} is not {SNAPSHOT_FORMAT_VERSION}, the one this build reads"));
         }
-        postcard::from_bytes(body).map_err(|e| format!("snapshot does not decode: {e}"))
+        let mut state: Self =
+            postcard::from_bytes(body).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        for allocation in state.allocations.values() {
+            state
+                .allocations_by_job
+                .entry(allocation.job_id.clone())
+                .or_default()
+                .insert(allocation.id.clone());
+        }
+        Ok(state)
     }
 }
 
