@@ -248,7 +248,7 @@ fn queue(rng: &mut Rng) -> Vec<QueuedJob> {
         };
         jobs.push(QueuedJob {
             job_id: format!("job-{idx:06}"),
-            spec,
+            spec: spec.into(),
             units: (0..n_units).collect(),
             order: idx as u64,
         });

@@ -1025,6 +1025,16 @@ impl Coordinator {
             }
             self.place_in_flight = None;
         }
+        // Nothing can be placed without a ready node: skip building the queue, which costs time
+        // in proportion to the jobs waiting (a storm of submissions before any agent is up).
+        let any_ready = self
+            .state()
+            .agents
+            .values()
+            .any(|agent| agent.state == AgentState::Ready && !agent.register.nodes.is_empty());
+        if !any_ready {
+            return;
+        }
         let queue = self.state().queue(unix_ms());
         if queue.is_empty() {
             return;

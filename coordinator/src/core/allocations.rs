@@ -82,31 +82,6 @@ impl Allocation {
 }
 
 /// Parsed specs remembered at most; the memo starts over beyond this.
-const PARSED_SPECS_MAX: usize = 100_000;
-
-/// A job's spec from its canonical JSON. Every scheduling pass builds the queue and the cluster
-/// view from every live job and allocation, and parsing their specs was most of that work; so
-/// each distinct text is parsed once and remembered. A pure function's memo: the answer is the
-/// same with or without it.
-pub(crate) fn spec_of(spec_json: &str) -> Option<JobSpec> {
-    thread_local! {
-        static PARSED: std::cell::RefCell<std::collections::HashMap<String, Option<JobSpec>>> =
-            std::cell::RefCell::new(std::collections::HashMap::new());
-    }
-    PARSED.with(|parsed| {
-        let mut parsed = parsed.borrow_mut();
-        if let Some(spec) = parsed.get(spec_json) {
-            return spec.clone();
-        }
-        if parsed.len() >= PARSED_SPECS_MAX {
-            parsed.clear();
-        }
-        let spec: Option<JobSpec> = serde_json::from_str(spec_json).ok();
-        parsed.insert(spec_json.to_string(), spec.clone());
-        spec
-    })
-}
-
 impl State {
     /// Every allocation made for `job_id`, ended ones included.
     pub fn allocations_of<'a>(&'a self, job_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
@@ -193,7 +168,8 @@ impl State {
         if job.state.is_final() {
             return refuse("the job has ended");
         }
-        let (Some(old), Some(new)) = (spec_of(&job.spec_json), spec_of(spec_json)) else {
+        let (Some(old), Some(new)) = (job.spec(), serde_json::from_str::<JobSpec>(spec_json).ok())
+        else {
             return refuse("the spec does not decode");
         };
         if old.kind != JobKind::Serving || new.kind != JobKind::Serving {
@@ -214,7 +190,7 @@ impl State {
         };
         let job = self.jobs.get_mut(job_id).expect("checked above");
         job.inputs = inputs;
-        job.spec_json = spec_json.to_string();
+        job.set_spec_json(spec_json);
         job.generation += 1;
         job.updated_at_unix_ms = at;
         let generation = job.generation;
@@ -232,7 +208,7 @@ impl State {
         let Some(job) = self.jobs.get(job_id) else {
             return;
         };
-        let Some(spec) = spec_of(&job.spec_json) else {
+        let Some(spec) = job.spec() else {
             return;
         };
         let Some(serving) = spec.serving.as_ref() else {
@@ -279,7 +255,7 @@ impl State {
     pub fn queue(&self, now_unix_ms: u64) -> Vec<QueuedJob> {
         let mut queue = Vec::new();
         for job in self.jobs.values().filter(|j| !j.state.is_final()) {
-            let Some(spec) = spec_of(&job.spec_json) else {
+            let Some(spec) = job.spec() else {
                 continue;
             };
             let units = self.wanted_units(&job.id, &spec, Some(now_unix_ms));
@@ -348,8 +324,8 @@ impl State {
             let (team, priority, preemptible) = self
                 .jobs
                 .get(&allocation.job_id)
-                .and_then(|job| spec_of(&job.spec_json))
-                .map(|spec| (spec.team, spec.priority, spec.preemptible))
+                .and_then(|job| job.spec())
+                .map(|spec| (spec.team.clone(), spec.priority, spec.preemptible))
                 .unwrap_or_default();
             running.push(RunningUnit {
                 allocation_id: allocation.id.clone(),
@@ -411,7 +387,7 @@ impl State {
                 rejected += entries.len();
                 continue;
             };
-            let Some(spec) = spec_of(&job.spec_json) else {
+            let Some(spec) = job.spec() else {
                 rejected += entries.len();
                 continue;
             };
@@ -702,7 +678,7 @@ impl State {
         if job.state.is_final() || allocation.preempted || allocation.stop_requested {
             return;
         }
-        let Some(spec) = spec_of(&job.spec_json) else {
+        let Some(spec) = job.spec() else {
             return;
         };
         let job_id = allocation.job_id.clone();

@@ -79,7 +79,7 @@ pub struct ClusterView {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedJob {
     pub job_id: String,
-    pub spec: JobSpec,
+    pub spec: std::sync::Arc<JobSpec>,
     /// Unit indexes (rank, shard index, replica index) still to place. For a training job this is
     /// always the whole gang.
     pub units: Vec<u32>,
@@ -1979,7 +1979,7 @@ mod tests {
                     spec.validate().expect("a valid job spec");
                     queue.push(QueuedJob {
                         job_id: words[0].into(),
-                        spec,
+                        spec: spec.into(),
                         units: units.unwrap_or_else(|| (0..n_units).collect()),
                         order,
                     });
@@ -2901,7 +2901,7 @@ mod tests {
                     } else {
                         format!("job-{idx}")
                     },
-                    spec,
+                    spec: spec.into(),
                     units: (0..seed.n_units).collect(),
                     order: (jobs.len() - idx) as u64,
                 }

@@ -44,18 +44,19 @@ impl ServingRoutes {
     pub fn from_state(state: &State) -> Self {
         let mut serving: BTreeMap<&str, (String, u64)> = BTreeMap::new();
         for job in state.jobs.values().filter(|job| !job.state.is_final()) {
-            let Some(spec) = crate::core::allocations::spec_of(&job.spec_json) else {
+            let Some(spec) = job.spec() else {
                 continue;
             };
             if spec.kind == gantry_protocol::jobspec::JobKind::Serving {
-                serving.insert(&job.id, (spec.name, job.index));
+                serving.insert(&job.id, (spec.name.clone(), job.index));
             }
         }
         let mut replicas: BTreeMap<&str, Vec<ReplicaRoute>> = BTreeMap::new();
-        for allocation in state.allocations.values().filter(|a| !a.is_final()) {
-            if !serving.contains_key(allocation.job_id.as_str()) {
-                continue;
-            }
+        let live = serving
+            .keys()
+            .flat_map(|job_id| state.allocations_of(job_id))
+            .filter(|a| !a.is_final());
+        for allocation in live {
             let agent = state.agents.get(&allocation.agent_id);
             let host = agent.and_then(|agent| agent.register.address.as_deref());
             let address = host

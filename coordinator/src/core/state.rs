@@ -4,10 +4,12 @@
 //! the leader's stamp on the command. Every replica applying the same log reaches the same state,
 //! and the snapshot of that state is the same bytes.
 
+use gantry_protocol::jobspec::JobSpec;
 use gantry_protocol::replicated::{Command, MemberChange, Op};
 use gantry_protocol::Register;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Audit records kept in the state; older ones are dropped first.
 pub const AUDIT_LEN_MAX: usize = 10_000;
@@ -89,6 +91,45 @@ pub struct Job {
     pub inputs: Vec<crate::core::artifacts::ResolvedInput>,
     /// Outputs its succeeded units reported, by name.
     pub artifacts: BTreeMap<String, gantry_protocol::replicated::ArtifactMeta>,
+    /// `spec_json` parsed, on first use: derived, never encoded.
+    #[serde(skip)]
+    pub(crate) parsed: ParsedSpec,
+}
+
+impl Job {
+    /// The job's spec (`None` only for a spec that no longer decodes, which validation at
+    /// submission rules out). Parsed once per job: scheduling passes and the serving routes
+    /// read every live job's spec after each commit.
+    pub fn spec(&self) -> Option<Arc<JobSpec>> {
+        self.parsed
+            .0
+            .get_or_init(|| serde_json::from_str(&self.spec_json).ok().map(Arc::new))
+            .clone()
+    }
+
+    pub(crate) fn set_spec_json(&mut self, spec_json: &str) {
+        self.spec_json = spec_json.to_string();
+        self.parsed = ParsedSpec::default();
+    }
+}
+
+/// A cache of a job's parsed spec. Equal to any other: it is a function of `spec_json`, which
+/// the comparison of jobs already covers.
+#[derive(Clone, Default)]
+pub struct ParsedSpec(std::sync::OnceLock<Option<Arc<JobSpec>>>);
+
+impl PartialEq for ParsedSpec {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ParsedSpec {}
+
+impl std::fmt::Debug for ParsedSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParsedSpec")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +307,7 @@ impl State {
                         generation: 0,
                         inputs,
                         artifacts: BTreeMap::new(),
+                        parsed: Default::default(),
                     },
                 );
                 if let Some(key) = idempotency_key {
