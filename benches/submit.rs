@@ -4,7 +4,9 @@
 //! leader. Reports, per concurrency level, committed submissions per second, p50 and p99 latency
 //! of the committed ones, and errors.
 //!
-//! cargo bench --bench submit -- [--clients 1,64,512] [--seconds 10]
+//! cargo bench --bench submit -- [--clients 1,64,512] [--seconds 10] [--nodes 3|1]
+//!
+//! `--nodes 1` runs one coordinator alone, to see what replication adds.
 mod common;
 
 use common::{free_port, Guard};
@@ -22,12 +24,15 @@ const JOB_SPEC_JSON: &str = r#"{"name":"bench","kind":"batch","command":["true"]
 struct Options {
     client_counts: Vec<usize>,
     level_duration: Duration,
+    /// 3, or 1 to see what replication costs.
+    nodes: usize,
 }
 
 fn options() -> Options {
     let mut options = Options {
         client_counts: vec![1, 64, 512],
         level_duration: Duration::from_secs(10),
+        nodes: 3,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -58,6 +63,13 @@ fn options() -> Options {
                     .filter(|s| *s > 0)
                     .unwrap_or_else(|| panic!("--seconds needs a positive number"));
                 options.level_duration = Duration::from_secs(seconds);
+            }
+            "--nodes" => {
+                options.nodes = match value().as_str() {
+                    "1" => 1,
+                    "3" => 3,
+                    other => panic!("--nodes is 1 or 3, got {other:?}"),
+                };
             }
             other => panic!("unknown argument {other}"),
         }
@@ -309,17 +321,23 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let join = format!("{join_token}@{}", addrs[0].quic);
-    for node_idx in 1..3 {
+    for node_idx in 1..options.nodes {
         nodes.push(start_coordinator(
             &data_dirs[node_idx],
             &addrs[node_idx],
             Some(&join),
         ));
     }
-    let leader_http = wait_for_cluster(&http, &addrs[0].http, &admin, &mut nodes).await;
+    // A single node answered the token request as its leader.
+    let leader_http = if options.nodes == 1 {
+        addrs[0].http.clone()
+    } else {
+        wait_for_cluster(&http, &addrs[0].http, &admin, &mut nodes).await
+    };
     eprintln!(
-        "cluster formed in {:.1} s: 3 voters, leader at {leader_http}",
-        started.elapsed().as_secs_f64()
+        "cluster formed in {:.1} s: {} voter(s), leader at {leader_http}",
+        started.elapsed().as_secs_f64(),
+        options.nodes
     );
 
     let url = format!("http://{leader_http}/v1/jobs");

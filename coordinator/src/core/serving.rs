@@ -43,13 +43,15 @@ pub struct ReplicaRoute {
 impl ServingRoutes {
     pub fn from_state(state: &State) -> Self {
         let mut serving: BTreeMap<&str, (String, u64)> = BTreeMap::new();
-        for job in state.jobs.values().filter(|job| !job.state.is_final()) {
+        let jobs = state
+            .serving_jobs
+            .iter()
+            .filter_map(|id| state.jobs.get(id));
+        for job in jobs.filter(|job| !job.state.is_final()) {
             let Some(spec) = job.spec() else {
                 continue;
             };
-            if spec.kind == gantry_protocol::jobspec::JobKind::Serving {
-                serving.insert(&job.id, (spec.name.clone(), job.index));
-            }
+            serving.insert(&job.id, (spec.name.clone(), job.index));
         }
         let mut replicas: BTreeMap<&str, Vec<ReplicaRoute>> = BTreeMap::new();
         let live = serving

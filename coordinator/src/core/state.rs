@@ -212,6 +212,10 @@ pub struct State {
     /// of every allocation ever made.
     #[serde(skip)]
     pub(crate) allocations_by_job: BTreeMap<String, BTreeSet<String>>,
+    /// The ids of serving jobs, ended ones included: derived like `allocations_by_job`, so that
+    /// the serving routes, rebuilt after every commit, read only those jobs.
+    #[serde(skip)]
+    pub(crate) serving_jobs: BTreeSet<String>,
     /// GPUs each team may hold at once.
     pub quotas: BTreeMap<String, u32>,
     pub policy: gantry_protocol::replicated::Policy,
@@ -228,6 +232,17 @@ impl State {
         let mut state = Self::default();
         state.members.insert(node_id, member);
         state
+    }
+
+    fn index_serving(&mut self, job_id: &str) {
+        let serving = self
+            .jobs
+            .get(job_id)
+            .and_then(Job::spec)
+            .is_some_and(|spec| spec.kind == gantry_protocol::jobspec::JobKind::Serving);
+        if serving {
+            self.serving_jobs.insert(job_id.to_string());
+        }
     }
 
     fn audit(&mut self, index: u64, at_unix_ms: u64, actor: &str, action: String) {
@@ -310,6 +325,7 @@ impl State {
                         parsed: Default::default(),
                     },
                 );
+                self.index_serving(job_id);
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(
                         key.clone(),
@@ -507,6 +523,10 @@ impl State {
         }
         let mut state: Self =
             postcard::from_bytes(body).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        let job_ids: Vec<String> = state.jobs.keys().cloned().collect();
+        for job_id in &job_ids {
+            state.index_serving(job_id);
+        }
         for allocation in state.allocations.values() {
             state
                 .allocations_by_job
