@@ -81,6 +81,9 @@ impl Cluster {
                 }
                 let mut config = gantry_coordinator::CoordinatorConfig::new(node.dir.clone());
                 config.snapshot_every_entries = 50;
+                // Snapshots every 50 entries, whatever their size: restarted nodes catch up
+                // from one.
+                config.snapshot_amortized = false;
                 let membership = match membership {
                     Some(join) => {
                         let (token, seed) = gantry_coordinator::join::parse_join(&join).unwrap();

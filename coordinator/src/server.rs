@@ -57,8 +57,11 @@ pub struct CoordinatorConfig {
     /// Addresses the other members use to reach this one; the bound addresses when unset.
     pub advertise_quic: Option<SocketAddr>,
     pub advertise_http: Option<SocketAddr>,
-    /// Snapshot the state and compact the Raft log every this many applied entries.
+    /// Snapshot the state and compact the Raft log every this many applied entries at least.
     pub snapshot_every_entries: u64,
+    /// Also wait until the entries applied since the last snapshot hold as many bytes as it did
+    /// (see [`ReplicaConfig::snapshot_amortized`]).
+    pub snapshot_amortized: bool,
 }
 
 impl CoordinatorConfig {
@@ -71,6 +74,7 @@ impl CoordinatorConfig {
             advertise_quic: None,
             advertise_http: None,
             snapshot_every_entries: 10_000,
+            snapshot_amortized: true,
         }
     }
 }
@@ -1556,6 +1560,7 @@ pub async fn run_with(
     let logger = crate::replica::logging::logger(node_id);
     let mut replica_config = ReplicaConfig::new(node_id);
     replica_config.snapshot_every_entries = config.snapshot_every_entries.max(1);
+    replica_config.snapshot_amortized = config.snapshot_amortized;
     let replica = Replica::open(
         replica_config,
         initial,

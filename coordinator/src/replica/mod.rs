@@ -58,6 +58,11 @@ pub struct ReplicaConfig {
     pub max_election_tick: usize,
     /// Take a snapshot and compact the log once this many entries were applied since the last.
     pub snapshot_every_entries: u64,
+    /// Wait, besides, until the entries applied since the last snapshot hold at least as many
+    /// bytes as that snapshot, so that writing snapshots costs at most as much as writing the
+    /// log, however large the state grows (the Raft paper, section 7, sizes the log against the
+    /// snapshot the same way). The log in memory then holds at most about one snapshot's worth.
+    pub snapshot_amortized: bool,
 }
 
 impl ReplicaConfig {
@@ -69,6 +74,7 @@ impl ReplicaConfig {
             min_election_tick: 0,
             max_election_tick: 0,
             snapshot_every_entries: 10_000,
+            snapshot_amortized: false,
         }
     }
 }
@@ -118,6 +124,9 @@ pub struct Replica<M: StateMachine, D: Durable> {
     disk: D,
     config: ReplicaConfig,
     applied: u64,
+    /// Bytes of the entries applied since the last snapshot, and that snapshot's size.
+    applied_bytes_since_snapshot: u64,
+    snapshot_bytes: u64,
     /// The commit index advanced in memory and not yet written with a batch.
     commit_dirty: bool,
     leader: Option<u64>,
@@ -182,6 +191,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
                 .map_err(ReplicaError::Restore)?;
         }
         let applied = store.snapshot_index();
+        let snapshot_bytes = snapshot.data.len() as u64;
         let raw = RawNode::new(&raft_config(&config, applied), store, logger)?;
         Ok(Self {
             raw,
@@ -189,6 +199,8 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             disk,
             config,
             applied,
+            applied_bytes_since_snapshot: 0,
+            snapshot_bytes,
             commit_dirty: false,
             leader: None,
         })
@@ -264,10 +276,10 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         self.raw.tick();
         if self.raw.store().take_snapshot_request() {
             // A follower needs a snapshot that names it: take one of the current state.
-            let batch = self
-                .raw
-                .store()
-                .compaction_batch(self.applied, self.machine.snapshot());
+            let data = self.machine.snapshot();
+            self.snapshot_bytes = data.len() as u64;
+            self.applied_bytes_since_snapshot = 0;
+            let batch = self.raw.store().compaction_batch(self.applied, data);
             self.persist(batch)?;
         }
         Ok(())
@@ -403,6 +415,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
                 }
             }
             self.applied = entry.index;
+            self.applied_bytes_since_snapshot += entry.compute_size() as u64;
         }
         Ok(())
     }
@@ -447,6 +460,8 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
                 .restore(&snapshot.data)
                 .map_err(ReplicaError::Restore)?;
             self.applied = snapshot.get_metadata().index;
+            self.snapshot_bytes = snapshot.data.len() as u64;
+            self.applied_bytes_since_snapshot = 0;
         }
         self.apply_entries(ready.take_committed_entries(), &mut output)?;
         output.reads.extend(
@@ -477,10 +492,14 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         if self.applied < self.raw.store().snapshot_index() + self.config.snapshot_every_entries {
             return Ok(());
         }
-        let batch = self
-            .raw
-            .store()
-            .compaction_batch(self.applied, self.machine.snapshot());
+        if self.config.snapshot_amortized && self.applied_bytes_since_snapshot < self.snapshot_bytes
+        {
+            return Ok(());
+        }
+        let data = self.machine.snapshot();
+        self.snapshot_bytes = data.len() as u64;
+        self.applied_bytes_since_snapshot = 0;
+        let batch = self.raw.store().compaction_batch(self.applied, data);
         self.persist(batch)
     }
 }
@@ -509,5 +528,82 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             .collect();
         learners.sort_unstable();
         learners
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk::RedbLog;
+    use super::*;
+    use crate::core::state::State;
+    use gantry_protocol::replicated::{self, Command, Op};
+
+    /// A one-node replica on redb; proposes `n` submissions one at a time and returns the log
+    /// index of each snapshot taken, with the bytes applied since the one before and its size.
+    fn compactions(amortized: bool, n: u64) -> Vec<(u64, u64, u64)> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ReplicaConfig::new(1);
+        config.snapshot_every_entries = 10;
+        config.snapshot_amortized = amortized;
+        let disk = RedbLog::open(&dir.path().join("raft.redb")).unwrap();
+        let logger = logging::logger(1);
+        let mut replica =
+            Replica::open(config, State::default(), disk, Some(&[1]), &logger).unwrap();
+        replica.campaign().unwrap();
+        let mut drive = |replica: &mut Replica<State, RedbLog>| {
+            while replica.has_ready() {
+                replica.handle_ready(&mut |_| {}).unwrap();
+            }
+        };
+        drive(&mut replica);
+        assert!(replica.is_leader());
+        let mut taken = Vec::new();
+        for i in 0..n {
+            let command = Command {
+                request_id: i,
+                at_unix_ms: 1,
+                actor: "admin".into(),
+                op: Op::SubmitJob {
+                    job_id: format!("j-{i:04}"),
+                    idempotency_key: None,
+                    spec_json: r#"{"name":"n","kind":"batch","command":["true"]}"#.into(),
+                },
+            };
+            let (snapshot_index, bytes_before) = (
+                replica.first_log_index() - 1,
+                replica.applied_bytes_since_snapshot,
+            );
+            replica.propose(replicated::encode(&command)).unwrap();
+            drive(&mut replica);
+            if replica.first_log_index() - 1 != snapshot_index {
+                taken.push((
+                    replica.first_log_index() - 1,
+                    bytes_before,
+                    replica.snapshot_bytes,
+                ));
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn snapshots_follow_the_entry_count_or_also_the_log_bytes() {
+        // Every 10 entries (the count alone).
+        let plain = compactions(false, 60);
+        assert!(plain.len() >= 5, "{plain:?}");
+        // The state outgrows 10 small entries: snapshots come further apart, each once the
+        // entries since the last weigh at least what it did.
+        let amortized = compactions(true, 60);
+        assert!(
+            !amortized.is_empty() && amortized.len() < plain.len(),
+            "{amortized:?}"
+        );
+        for pair in amortized.windows(2) {
+            let (previous_size, applied_before_next) = (pair[0].2, pair[1].1);
+            assert!(
+                applied_before_next + 200 >= previous_size,
+                "a snapshot of {previous_size} bytes followed after {applied_before_next}: {amortized:?}"
+            );
+        }
     }
 }
