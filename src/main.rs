@@ -309,9 +309,15 @@ struct CoordinatorArgs {
     /// The HTTP address other coordinators forward writes to [default: --http].
     #[arg(long, env = "GANTRY_ADVERTISE_HTTP")]
     advertise_http: Option<SocketAddr>,
-    /// Snapshot the state and compact the Raft log every this many entries [default: 10000].
+    /// Snapshot the state and compact the Raft log every this many entries at least
+    /// [default: 10000]; by default also only once the log since the last snapshot weighs as
+    /// many bytes as that snapshot did.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every_entries: Option<u64>,
+    /// Snapshot every --snapshot-every-entries entries, whatever their size (for tests that
+    /// need frequent snapshots).
+    #[arg(long)]
+    snapshot_by_count_only: bool,
     /// How often agents heartbeat [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -597,6 +603,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(every) = args.snapshot_every_entries {
         config.snapshot_every_entries = every;
     }
+    config.snapshot_amortized = !args.snapshot_by_count_only;
     config.advertise_quic = args.advertise_quic;
     config.advertise_http = args.advertise_http;
     let mut membership = gantry_coordinator::Membership::Existing;

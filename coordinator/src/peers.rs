@@ -25,6 +25,9 @@ pub const PEER_BATCH_LEN_MAX: usize = 256;
 /// under the frame limit (4 MiB): Raft sends at most 1 MiB of entries per message unless one
 /// entry is larger, and no command is (artifact bytes never enter the log).
 pub const PEER_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// A Raft message that encodes to more than this (a snapshot) is sent alone, in parts of this
+/// size, each in its own frame.
+pub const PEER_PART_BYTES: usize = 1024 * 1024;
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
 
 enum Outgoing {
@@ -213,17 +216,20 @@ async fn run_link(
                 }
             }
             let mut result = Ok(());
-            if !raft.is_empty() {
-                let encoded = raft
-                    .iter()
-                    .map(|m| m.write_to_bytes().expect("raft messages encode"))
-                    .collect();
+            let encoded = raft
+                .iter()
+                .map(|m| m.write_to_bytes().expect("raft messages encode"))
+                .collect();
+            for payload in payloads(encoded) {
                 let envelope = PeerEnvelope {
                     from_node: self_id,
                     to_node: peer_id,
-                    payload: PeerPayload::Raft(encoded),
+                    payload,
                 };
                 result = send.send(&envelope).await;
+                if result.is_err() {
+                    break;
+                }
             }
             if let (Ok(()), Some(applied_index)) = (&result, status) {
                 let envelope = PeerEnvelope {
@@ -239,6 +245,97 @@ async fn run_link(
                 let _ = events.send(Event::Unreachable { to: peer_id }).await;
                 break;
             }
+        }
+    }
+}
+
+/// The frames for a batch of encoded Raft messages, in order: runs of ordinary messages together,
+/// and each message larger than [`PEER_PART_BYTES`] alone, in parts.
+fn payloads(encoded: Vec<Vec<u8>>) -> Vec<PeerPayload> {
+    let mut payloads = Vec::new();
+    let mut run = Vec::new();
+    for bytes in encoded {
+        if bytes.len() <= PEER_PART_BYTES {
+            run.push(bytes);
+            continue;
+        }
+        if !run.is_empty() {
+            payloads.push(PeerPayload::Raft(std::mem::take(&mut run)));
+        }
+        let n_parts = bytes.len().div_ceil(PEER_PART_BYTES);
+        for (i, part) in bytes.chunks(PEER_PART_BYTES).enumerate() {
+            payloads.push(PeerPayload::RaftPart {
+                bytes: part.to_vec(),
+                last: i + 1 == n_parts,
+            });
+        }
+    }
+    if !run.is_empty() {
+        payloads.push(PeerPayload::Raft(run));
+    }
+    payloads
+}
+
+/// Joins the parts of a large Raft message as they arrive (see [`PeerPayload::RaftPart`]).
+#[derive(Default)]
+pub struct Reassembly {
+    bytes: Vec<u8>,
+}
+
+/// A Raft message sent in parts may hold at most this many bytes (a snapshot of the state).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
+
+impl Reassembly {
+    /// Takes one part; returns the whole message's bytes after its last part.
+    pub fn push(&mut self, part: Vec<u8>, last: bool) -> Result<Option<Vec<u8>>, String> {
+        if self.bytes.len() + part.len() > PEER_MESSAGE_BYTES_MAX {
+            return Err(format!(
+                "a raft message sent in parts exceeds {PEER_MESSAGE_BYTES_MAX} bytes"
+            ));
+        }
+        self.bytes.extend_from_slice(&part);
+        Ok(last.then(|| std::mem::take(&mut self.bytes)))
+    }
+
+    /// Whether a message has parts still to come.
+    pub fn in_progress(&self) -> bool {
+        !self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_messages_go_alone_in_parts_and_come_back_whole() {
+        let small = |n: u8| vec![n; 10];
+        let large: Vec<u8> = (0..(PEER_PART_BYTES * 2 + 5)).map(|i| i as u8).collect();
+        let frames = payloads(vec![small(1), small(2), large.clone(), small(3)]);
+        assert_eq!(frames.len(), 5, "a run, three parts, a run");
+        assert!(matches!(&frames[0], PeerPayload::Raft(run) if *run == vec![small(1), small(2)]));
+        assert!(matches!(&frames[4], PeerPayload::Raft(run) if *run == vec![small(3)]));
+        let mut reassembly = Reassembly::default();
+        let mut whole = None;
+        for frame in &frames[1..4] {
+            let PeerPayload::RaftPart { bytes, last } = frame else {
+                panic!("{frame:?}")
+            };
+            assert!(bytes.len() <= PEER_PART_BYTES);
+            assert!(whole.is_none(), "only the last part completes the message");
+            whole = reassembly.push(bytes.clone(), *last).unwrap();
+        }
+        assert_eq!(whole, Some(large));
+        assert!(!reassembly.in_progress());
+        // Every frame stays under the transport's limit.
+        for frame in frames {
+            let envelope = PeerEnvelope {
+                from_node: 1,
+                to_node: 2,
+                payload: frame,
+            };
+            let encoded = gantry_protocol::frame::encode(&envelope).unwrap();
+            assert!(encoded.len() < gantry_protocol::FRAME_BYTES_MAX);
         }
     }
 }

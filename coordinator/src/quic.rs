@@ -311,6 +311,7 @@ async fn peer_session(connection: &quinn::Connection, context: &QuicContext) -> 
         Err(TransportError::Refused(message)) => return refuse(connection, &message),
         Err(e) => return Err(e.to_string()),
     };
+    let mut reassembly = crate::peers::Reassembly::default();
     loop {
         let envelope = match recv.recv::<PeerEnvelope>().await {
             Ok(Some(envelope)) => envelope,
@@ -330,6 +331,20 @@ async fn peer_session(connection: &quinn::Connection, context: &QuicContext) -> 
             continue;
         }
         let event = match envelope.payload {
+            PeerPayload::Raft(_) if reassembly.in_progress() => {
+                return Err("peer interleaved raft messages with the parts of another".into());
+            }
+            PeerPayload::RaftPart { bytes, last } => match reassembly.push(bytes, last)? {
+                None => continue,
+                Some(whole) => match raft::eraftpb::Message::parse_from_bytes(&whole) {
+                    Ok(message) => Event::PeerMessages(vec![message]),
+                    Err(e) => {
+                        return Err(format!(
+                            "peer sent a raft message in parts that does not decode: {e}"
+                        ))
+                    }
+                },
+            },
             PeerPayload::Raft(encoded) => {
                 let mut messages = Vec::with_capacity(encoded.len());
                 for bytes in encoded {

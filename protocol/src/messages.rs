@@ -414,6 +414,9 @@ pub enum PeerPayload {
     Raft(Vec<Vec<u8>>),
     /// The sender's progress, sent every second, for `gantry cluster status`.
     Status { applied_index: u64 },
+    /// One part of a single Raft message too large for one frame (a snapshot of a large state),
+    /// encoded by raft-rs; its parts follow one another on the stream, the last one marked.
+    RaftPart { bytes: Vec<u8>, last: bool },
 }
 
 #[cfg(test)]

@@ -550,7 +550,7 @@ mod tests {
         let mut replica =
             Replica::open(config, State::default(), disk, Some(&[1]), &logger).unwrap();
         replica.campaign().unwrap();
-        let mut drive = |replica: &mut Replica<State, RedbLog>| {
+        let drive = |replica: &mut Replica<State, RedbLog>| {
             while replica.has_ready() {
                 replica.handle_ready(&mut |_| {}).unwrap();
             }
