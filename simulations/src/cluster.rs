@@ -546,6 +546,19 @@ impl Sim {
                 self.last_checked_applied[idx] = applied;
                 self.check_capacity(node.id(), node.machine())?;
                 let state = node.machine().encode_snapshot();
+                // The indexes a state derives as it applies entries (live jobs and allocations,
+                // each job's allocations, serving jobs) must be those a snapshot rebuilds. Decoding
+                // costs as much again, so this runs at every 64th index only.
+                let rebuilt = match applied.is_multiple_of(64) {
+                    true => Some(State::decode_snapshot(&state).map_err(|e| self.fail(e))?),
+                    false => None,
+                };
+                if rebuilt.is_some_and(|rebuilt| rebuilt != *node.machine()) {
+                    return Err(self.fail(format!(
+                        "node {} derives indexes at applied index {applied} that its snapshot does not rebuild",
+                        node.id()
+                    )));
+                }
                 match self.state_at_index.get(&applied) {
                     Some(expected) if *expected != state => {
                         return Err(self.fail(format!(

@@ -254,7 +254,8 @@ impl State {
     /// The work waiting to be placed, as the scheduler takes it.
     pub fn queue(&self, now_unix_ms: u64) -> Vec<QueuedJob> {
         let mut queue = Vec::new();
-        for job in self.jobs.values().filter(|j| !j.state.is_final()) {
+        let live = self.live_jobs.iter().filter_map(|id| self.jobs.get(id));
+        for job in live.filter(|j| !j.state.is_final()) {
             let Some(spec) = job.spec() else {
                 continue;
             };
@@ -311,7 +312,8 @@ impl State {
             }
         }
         let mut running = Vec::new();
-        for allocation in self.allocations.values().filter(|a| !a.is_final()) {
+        let live = self.live_allocations.iter().map(|id| &self.allocations[id]);
+        for allocation in live.filter(|a| !a.is_final()) {
             let key = NodeKey {
                 agent_id: allocation.agent_id.clone(),
                 node: allocation.node.clone(),
@@ -369,6 +371,7 @@ impl State {
                 };
                 allocation.updated_at_unix_ms = at;
                 allocation.ended_at_unix_ms = Some(at);
+                self.live_allocations.remove(allocation_id);
             }
         }
         let mut view = self.cluster_view();
@@ -454,7 +457,8 @@ impl State {
                     .unwrap_or_else(|| format!("{agent_id}/{node}"))
             };
         let mut ports: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
-        for allocation in self.allocations.values().filter(|a| !a.is_final()) {
+        let live = self.live_allocations.iter().map(|id| &self.allocations[id]);
+        for allocation in live.filter(|a| !a.is_final()) {
             if let Some(port) = allocation.port {
                 ports
                     .entry(hostname_of(
@@ -545,6 +549,7 @@ impl State {
                 .entry(job_id.to_string())
                 .or_default()
                 .insert(id.clone());
+            self.live_allocations.insert(id.clone());
             self.allocations.insert(
                 id.clone(),
                 Allocation {
@@ -599,6 +604,9 @@ impl State {
         }
         allocation.phase = phase.clone();
         allocation.updated_at_unix_ms = at;
+        if allocation.is_final() {
+            self.live_allocations.remove(allocation_id);
+        }
         if matches!(phase, AllocationPhase::Running | AllocationPhase::Healthy) {
             allocation.started_at_unix_ms.get_or_insert(at);
         }
@@ -666,6 +674,7 @@ impl State {
             job.state = JobState::Failed;
             job.failure = Some(reason);
             job.updated_at_unix_ms = at;
+            self.live_jobs.remove(job_id);
         }
         self.stop_job_allocations(job_id, at);
     }
@@ -699,6 +708,7 @@ impl State {
                     if job.succeeded_units.len() as u32 >= spec.units() {
                         job.state = JobState::Succeeded;
                         job.updated_at_unix_ms = at;
+                        self.live_jobs.remove(&job_id);
                     }
                     return;
                 }
@@ -722,6 +732,7 @@ impl State {
                     if job.succeeded_units.len() as u32 >= spec.units() {
                         job.state = JobState::Succeeded;
                         job.updated_at_unix_ms = at;
+                        self.live_jobs.remove(&job_id);
                     }
                     return;
                 }

@@ -216,6 +216,12 @@ pub struct State {
     /// the serving routes, rebuilt after every commit, read only those jobs.
     #[serde(skip)]
     pub(crate) serving_jobs: BTreeSet<String>,
+    /// The ids of jobs not yet ended, and of allocations not yet ended: derived likewise, so
+    /// that a scheduling pass reads the live work only, however much has ended before.
+    #[serde(skip)]
+    pub(crate) live_jobs: BTreeSet<String>,
+    #[serde(skip)]
+    pub(crate) live_allocations: BTreeSet<String>,
     /// GPUs each team may hold at once.
     pub quotas: BTreeMap<String, u32>,
     pub policy: gantry_protocol::replicated::Policy,
@@ -326,6 +332,7 @@ impl State {
                     },
                 );
                 self.index_serving(job_id);
+                self.live_jobs.insert(job_id.clone());
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(
                         key.clone(),
@@ -355,6 +362,7 @@ impl State {
                 }
                 job.state = JobState::Cancelled;
                 job.updated_at_unix_ms = at;
+                self.live_jobs.remove(job_id);
                 self.stop_job_allocations(job_id, at);
                 self.audit(index, at, actor, format!("cancel job {job_id}"));
                 Outcome::JobCancelled {
@@ -527,6 +535,18 @@ impl State {
         for job_id in &job_ids {
             state.index_serving(job_id);
         }
+        state.live_jobs = state
+            .jobs
+            .values()
+            .filter(|job| !job.state.is_final())
+            .map(|job| job.id.clone())
+            .collect();
+        state.live_allocations = state
+            .allocations
+            .values()
+            .filter(|allocation| !allocation.is_final())
+            .map(|allocation| allocation.id.clone())
+            .collect();
         for allocation in state.allocations.values() {
             state
                 .allocations_by_job
