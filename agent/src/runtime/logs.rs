@@ -188,20 +188,16 @@ pub(crate) async fn read_logs(
 
 /// The offset of a log's first byte within its stream, from its `.base` file (0 when absent).
 async fn read_base(path: &Path) -> io::Result<u64> {
-    match tokio::fs::read_to_string(path).await {
-        Ok(text) => text.trim().parse().map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} does not hold an offset: {e}", path.display()),
-            )
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e),
-    }
+    parse_base(tokio::fs::read_to_string(path).await, path)
 }
 
 fn read_base_blocking(path: &Path) -> io::Result<u64> {
-    match std::fs::read_to_string(path) {
+    parse_base(std::fs::read_to_string(path), path)
+}
+
+/// A `.base` file's offset; a missing file means 0.
+fn parse_base(read: io::Result<String>, path: &Path) -> io::Result<u64> {
+    match read {
         Ok(text) => text.trim().parse().map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,

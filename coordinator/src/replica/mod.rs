@@ -276,11 +276,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         self.raw.tick();
         if self.raw.store().take_snapshot_request() {
             // A follower needs a snapshot that names it: take one of the current state.
-            let data = self.machine.snapshot();
-            self.snapshot_bytes = data.len() as u64;
-            self.applied_bytes_since_snapshot = 0;
-            let batch = self.raw.store().compaction_batch(self.applied, data);
-            self.persist(batch)?;
+            self.compact()?;
         }
         Ok(())
     }
@@ -496,6 +492,11 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         {
             return Ok(());
         }
+        self.compact()
+    }
+
+    /// Snapshots the state as applied and drops the log it covers.
+    fn compact(&mut self) -> Result<(), ReplicaError<D::Error>> {
         let data = self.machine.snapshot();
         self.snapshot_bytes = data.len() as u64;
         self.applied_bytes_since_snapshot = 0;
