@@ -424,9 +424,23 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
+    // A coordinator serves HTTP, QUIC and its Raft loop on one thread (raft log writes go to a
+    // blocking thread): a request then crosses no threads on its way to the log and back, which
+    // measured 15% more one-client commits than a multi-threaded runtime and as many at 512.
+    let runtime = if matches!(cli.command, Command::Coordinator(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("start the tokio runtime");
+    runtime.block_on(main_async(cli));
+}
+
+async fn main_async(cli: Cli) {
     let daemon = matches!(
         cli.command,
         Command::Coordinator(_) | Command::Agent(AgentArgs { command: None, .. })

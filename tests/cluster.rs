@@ -180,11 +180,26 @@ impl Cluster {
             },
         )
         .await;
-        for i in 1..3 {
-            // Join through the previous node: a follower redirects the join to the leader.
-            let join = format!("{join_token}@{}", cluster.nodes[i - 1].quic);
-            cluster.nodes[i].handle = cluster.launch(&cluster.nodes[i], Some(join), false);
-            cluster.wait_voters(i + 1).await;
+        match runner {
+            Runner::InProcess => {
+                for i in 1..3 {
+                    // Join through the previous node: a follower redirects the join to the
+                    // leader.
+                    let join = format!("{join_token}@{}", cluster.nodes[i - 1].quic);
+                    cluster.nodes[i].handle = cluster.launch(&cluster.nodes[i], Some(join), false);
+                    cluster.wait_voters(i + 1).await;
+                }
+            }
+            Runner::Processes => {
+                // Both join at once, as a script starting a cluster does: Raft takes one
+                // membership change at a time, so one of them is told to retry, and does.
+                let join = format!("{join_token}@{}", cluster.nodes[0].quic);
+                for i in 1..3 {
+                    cluster.nodes[i].handle =
+                        cluster.launch(&cluster.nodes[i], Some(join.clone()), false);
+                }
+                cluster.wait_voters(3).await;
+            }
         }
         cluster
     }

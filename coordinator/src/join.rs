@@ -9,7 +9,7 @@ use gantry_protocol::pki::{self, COORDINATOR_SERVER_NAME};
 use gantry_protocol::tls::{self, PinObservation};
 use gantry_protocol::token::JoinToken;
 use gantry_protocol::transport::{self, ALPN_JOIN};
-use gantry_protocol::{CoordinatorJoin, JoinRequest, JoinResponse, Role};
+use gantry_protocol::{CoordinatorJoin, ErrorCode, JoinRequest, JoinResponse, Role};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,10 @@ use std::time::Duration;
 /// Redirects followed before giving up (an election in progress).
 const REDIRECTS_MAX: usize = 5;
 const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a join keeps retrying while the cluster answers "not now" (another member joining,
+/// an election), as nodes started together do.
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(120);
+const JOIN_RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// Splits `TOKEN@SEED_ADDR`.
 pub fn parse_join(text: &str) -> Result<(String, String)> {
@@ -52,8 +56,11 @@ pub async fn join_cluster(
             http_addr: http.to_string(),
         }),
     };
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
     let mut target = seed.to_string();
-    for _ in 0..=REDIRECTS_MAX {
+    let mut redirects = 0;
+    while redirects <= REDIRECTS_MAX {
         let response = tokio::time::timeout(JOIN_TIMEOUT, ask(&target, &token, &request))
             .await
             .with_context(|| format!("joining through {target} timed out"))??;
@@ -69,6 +76,14 @@ pub async fn join_cluster(
             JoinResponse::Redirect { leader_addr } => {
                 tracing::info!(from = %target, to = %leader_addr, "join redirected to the leader");
                 target = leader_addr;
+                redirects += 1;
+            }
+            JoinResponse::Refused(error)
+                if error.code == ErrorCode::Unavailable && started.elapsed() < JOIN_RETRY_FOR =>
+            {
+                tracing::info!(via = %target, "join not taken yet ({}); retrying", error.message);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(JOIN_RETRY_DELAY_MAX);
             }
             JoinResponse::Refused(error) => {
                 bail!("the cluster refused the join: {}", error.message)

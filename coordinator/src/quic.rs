@@ -260,7 +260,20 @@ async fn admit_coordinator(context: &QuicContext, request: &JoinRequest) -> Join
                 leader_addr: leader.quic_addr,
             };
         }
-        Ok(Err(_)) | Err(_) => return refused("no leader could add the member now: retry".into()),
+        Ok(Err(reason)) => {
+            let why = match reason {
+                Unavailable::MembershipChanging => "another membership change is in progress",
+                Unavailable::NotLeader { .. } => "no coordinator leads right now",
+                Unavailable::Timeout => "the change did not commit in time",
+                Unavailable::Overloaded => "the coordinator is overloaded",
+                Unavailable::ShuttingDown => "the coordinator is shutting down",
+            };
+            return JoinResponse::Refused(WireError {
+                code: ErrorCode::Unavailable,
+                message: format!("cannot add a member now: {why}; retry"),
+            });
+        }
+        Err(_) => return refused("the coordinator is shutting down".into()),
     }
     let (reply, answer) = oneshot::channel();
     let read = Event::Read {

@@ -282,6 +282,9 @@ pub enum ErrorCode {
     TokenExpired,
     TokenWrongRole,
     Internal,
+    /// Not now (an election, a membership change in progress): the same request may succeed
+    /// when retried.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,7 +60,20 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     config.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
     config.max_concurrent_uni_streams(64u32.into());
     config.max_concurrent_bidi_streams(16u32.into());
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(16u32.into());
+    config.ack_frequency_config(Some(ack));
     Arc::new(config)
+}
+
+/// Receive buffer asked for on every QUIC socket. Linux's default (208 KiB) overflows when a
+/// leader's batch of appends arrives while the receiver is busy, and each drop costs a QUIC
+/// loss recovery; the kernel caps the request at `net.core.rmem_max`.
+const UDP_RECV_BUFFER_BYTES: usize = 4 << 20;
+
+fn enlarge_recv_buffer(socket: &std::net::UdpSocket) {
+    // Best effort: a smaller buffer only means more retransmissions under bursts.
+    let _ = socket2::SockRef::from(socket).set_recv_buffer_size(UDP_RECV_BUFFER_BYTES);
 }
 
 /// A server endpoint on a socket the caller bound (so tests can bind port 0).
@@ -68,6 +81,7 @@ pub fn server_endpoint(
     socket: std::net::UdpSocket,
     tls: rustls::ServerConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
+    enlarge_recv_buffer(&socket);
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config());
@@ -87,7 +101,14 @@ pub fn client_endpoint(remote: SocketAddr) -> Result<quinn::Endpoint, TransportE
     } else {
         "[::]:0".parse().expect("literal")
     };
-    Ok(quinn::Endpoint::client(bind)?)
+    let socket = std::net::UdpSocket::bind(bind)?;
+    enlarge_recv_buffer(&socket);
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 pub fn quinn_client_config(

@@ -171,6 +171,9 @@ impl From<Unavailable> for ApiError {
             ),
             Unavailable::Overloaded => ApiError::unavailable("too many requests waiting for commit; retry later"),
             Unavailable::ShuttingDown => ApiError::unavailable("the coordinator is shutting down"),
+            Unavailable::MembershipChanging => ApiError::unavailable(
+                "another membership change is still in progress; retry once it completes",
+            ),
         }
     }
 }

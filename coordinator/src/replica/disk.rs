@@ -5,6 +5,7 @@ use super::storage::{Durable, PersistBatch, Recovered};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::Path;
+use std::sync::Arc;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
@@ -24,8 +25,10 @@ fn redb_error(e: impl std::fmt::Display) -> DiskError {
     DiskError::Redb(e.to_string())
 }
 
+/// Clones share one database; redb runs one write transaction at a time.
+#[derive(Clone)]
 pub struct RedbLog {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl RedbLog {
@@ -35,7 +38,7 @@ impl RedbLog {
         txn.open_table(LOG).map_err(redb_error)?;
         txn.open_table(META).map_err(redb_error)?;
         txn.commit().map_err(redb_error)?;
-        Ok(Self { db })
+        Ok(Self { db: Arc::new(db) })
     }
 }
 
@@ -53,6 +56,17 @@ impl Durable for RedbLog {
     type Error = DiskError;
 
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), DiskError> {
+        self.write(batch)
+    }
+
+    fn load(&self) -> Result<Option<Recovered>, DiskError> {
+        self.read()
+    }
+}
+
+impl RedbLog {
+    /// [`Durable::persist`] through a shared handle (from a thread other than the replica's).
+    pub fn write(&self, batch: &PersistBatch) -> Result<(), DiskError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -105,7 +119,7 @@ impl Durable for RedbLog {
         Ok(())
     }
 
-    fn load(&self) -> Result<Option<Recovered>, DiskError> {
+    fn read(&self) -> Result<Option<Recovered>, DiskError> {
         let txn = self.db.begin_read().map_err(redb_error)?;
         let log = txn.open_table(LOG).map_err(redb_error)?;
         let meta = txn.open_table(META).map_err(redb_error)?;

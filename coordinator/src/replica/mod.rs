@@ -118,6 +118,34 @@ impl<O> Default for Output<O> {
     }
 }
 
+/// A Ready taken by [`Replica::start_ready`], its early messages sent, its writes not yet done.
+pub struct StartedReady<O> {
+    ready: raft::Ready,
+    output: Output<O>,
+    sent_early: bool,
+    snapshot: Option<Snapshot>,
+    /// What must be durable before the rest of the contract runs.
+    write: Option<PersistBatch>,
+}
+
+impl<O> StartedReady<O> {
+    /// Whether messages went out ahead of the writes.
+    pub fn sent_early(&self) -> bool {
+        self.sent_early
+    }
+
+    /// Log entries the writes hold.
+    pub fn entries_to_write(&self) -> usize {
+        self.write.as_ref().map_or(0, |batch| batch.entries.len())
+    }
+
+    /// Takes the writes, for the caller to make durable elsewhere (off its event loop) exactly
+    /// as [`Durable::persist`] would, and to hand back to [`Replica::finish_ready_written`].
+    pub fn take_write(&mut self) -> Option<PersistBatch> {
+        self.write.take()
+    }
+}
+
 pub struct Replica<M: StateMachine, D: Durable> {
     raw: RawNode<LogStore>,
     machine: M,
@@ -341,7 +369,17 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         self.raw.has_ready()
     }
 
-    fn persist(&mut self, mut batch: PersistBatch) -> Result<(), ReplicaError<D::Error>> {
+    fn persist(&mut self, batch: PersistBatch) -> Result<(), ReplicaError<D::Error>> {
+        if let Some(batch) = self.plan_write(batch) {
+            self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
+            self.written(&batch);
+        }
+        Ok(())
+    }
+
+    /// What of `batch` must reach the disk: `None` when nothing must (an empty batch, or one
+    /// that only advances the commit index, which then waits in memory for the next write).
+    fn plan_write(&mut self, mut batch: PersistBatch) -> Option<PersistBatch> {
         if self.commit_dirty && batch.hard_state.is_none() {
             batch.hard_state = Some(self.raw.store().hard_state().clone());
         }
@@ -349,7 +387,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             hard_state.commit = hard_state.commit.max(self.raw.store().hard_state().commit);
         }
         if batch.is_empty() {
-            return Ok(());
+            return None;
         }
         // Only the commit index moved: it need not be durable (a restarted node learns it again
         // from the leader), so it waits for the next batch instead of costing an fsync.
@@ -365,12 +403,15 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         if commit_only {
             self.raw.mut_store().apply(&batch);
             self.commit_dirty = true;
-            return Ok(());
+            return None;
         }
-        self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
-        self.raw.mut_store().apply(&batch);
+        Some(batch)
+    }
+
+    /// `batch` is durable: raft-rs may now read it.
+    fn written(&mut self, batch: &PersistBatch) {
+        self.raw.mut_store().apply(batch);
         self.commit_dirty = false;
-        Ok(())
     }
 
     fn apply_entries(
@@ -424,10 +465,24 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         &mut self,
         send_early: &mut dyn FnMut(Vec<Message>),
     ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
-        let mut output = Output::default();
-        if !self.raw.has_ready() {
-            return Ok(output);
+        match self.start_ready(send_early) {
+            Some(started) => self.finish_ready(started),
+            None => Ok(Output::default()),
         }
+    }
+
+    /// The first step of [`Replica::handle_ready`]: takes the Ready and hands `send_early` the
+    /// messages that may leave before the writes. The caller may let them reach the network
+    /// (yield to its transport) before [`Replica::finish_ready`] writes and fsyncs; it must not
+    /// step, tick or propose in between.
+    pub fn start_ready(
+        &mut self,
+        send_early: &mut dyn FnMut(Vec<Message>),
+    ) -> Option<StartedReady<M::Outcome>> {
+        if !self.raw.has_ready() {
+            return None;
+        }
+        let mut output = Output::default();
         let mut ready = self.raw.ready();
         if let Some(soft) = ready.ss() {
             let leader = match soft.leader_id {
@@ -440,17 +495,42 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             }
         }
         let early = ready.take_messages();
-        if !early.is_empty() {
+        let sent_early = !early.is_empty();
+        if sent_early {
             send_early(early);
         }
         let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
-        let batch = PersistBatch {
+        let write = self.plan_write(PersistBatch {
             snapshot: snapshot.clone(),
             entries: ready.take_entries(),
             hard_state: ready.hs().cloned(),
             ..Default::default()
-        };
-        self.persist(batch)?;
+        });
+        Some(StartedReady {
+            ready,
+            output,
+            sent_early,
+            snapshot,
+            write,
+        })
+    }
+
+    /// The rest of the Ready contract for a Ready [`Replica::start_ready`] took: its writes,
+    /// fsynced here unless the caller took them, then applying and `advance`.
+    pub fn finish_ready(
+        &mut self,
+        mut started: StartedReady<M::Outcome>,
+    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+        if let Some(batch) = started.write.take() {
+            self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
+            self.written(&batch);
+        }
+        let StartedReady {
+            mut ready,
+            mut output,
+            snapshot,
+            ..
+        } = started;
         if let Some(snapshot) = snapshot {
             self.machine
                 .restore(&snapshot.data)
@@ -484,6 +564,21 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         Ok(output)
     }
 
+    /// [`Replica::finish_ready`] for a Ready whose writes the caller took and made durable.
+    pub fn finish_ready_written(
+        &mut self,
+        started: StartedReady<M::Outcome>,
+        written: PersistBatch,
+    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+        self.written(&written);
+        self.finish_ready(started)
+    }
+
+    /// The disk the log is written to.
+    pub fn disk(&self) -> &D {
+        &self.disk
+    }
+
     fn maybe_compact(&mut self) -> Result<(), ReplicaError<D::Error>> {
         if self.applied < self.raw.store().snapshot_index() + self.config.snapshot_every_entries {
             return Ok(());
@@ -506,6 +601,12 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
 }
 
 impl<M: StateMachine, D: Durable> Replica<M, D> {
+    /// Whether a membership change was proposed and is not yet applied (raft-rs takes one at a
+    /// time and turns a second into an empty entry).
+    pub fn has_pending_conf_change(&self) -> bool {
+        self.raw.raft.has_pending_conf()
+    }
+
     /// Whether `peer` is a learner (not yet a voter).
     pub fn is_learner(&self, peer: u64) -> bool {
         self.raw.raft.prs().conf().learners().contains(&peer)
