@@ -9,11 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 /// The version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest version this build still speaks. Versions 1 and 2 (before the container runtimes
-/// reported image digests and Kubernetes agents their node changes) were never released, so they
-/// are not kept.
-pub const PROTOCOL_VERSION_MIN: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest version this build still speaks. Versions 1 to 3 (before the container runtimes
+/// reported image digests, Kubernetes agents their node changes, and a refused join could say
+/// `ErrorCode::Unavailable`) were never released, so they are not kept.
+pub const PROTOCOL_VERSION_MIN: u16 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
