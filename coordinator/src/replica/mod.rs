@@ -640,6 +640,20 @@ mod tests {
     use crate::core::state::State;
     use gantry_protocol::replicated::{self, Command, Op};
 
+    /// Submission `i` of a small batch job, answering request `i`.
+    fn submission(i: u64) -> Command {
+        Command {
+            request_id: i,
+            at_unix_ms: 1,
+            actor: "admin".into(),
+            op: Op::SubmitJob {
+                job_id: format!("j-{i:04}"),
+                idempotency_key: None,
+                spec_json: r#"{"name":"n","kind":"batch","command":["true"]}"#.into(),
+            },
+        }
+    }
+
     /// A one-node replica on redb; proposes `n` submissions one at a time and returns the log
     /// index of each snapshot taken, with the bytes applied since the one before and its size.
     fn compactions(amortized: bool, n: u64) -> Vec<(u64, u64, u64)> {
@@ -661,16 +675,7 @@ mod tests {
         assert!(replica.is_leader());
         let mut taken = Vec::new();
         for i in 0..n {
-            let command = Command {
-                request_id: i,
-                at_unix_ms: 1,
-                actor: "admin".into(),
-                op: Op::SubmitJob {
-                    job_id: format!("j-{i:04}"),
-                    idempotency_key: None,
-                    spec_json: r#"{"name":"n","kind":"batch","command":["true"]}"#.into(),
-                },
-            };
+            let command = submission(i);
             let (snapshot_index, bytes_before) = (
                 replica.first_log_index() - 1,
                 replica.applied_bytes_since_snapshot,
@@ -717,16 +722,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.redb");
         let logger = logging::logger(1);
-        let submit = |i: u64| Command {
-            request_id: i,
-            at_unix_ms: 1,
-            actor: "admin".into(),
-            op: Op::SubmitJob {
-                job_id: format!("j-{i}"),
-                idempotency_key: None,
-                spec_json: r#"{"name":"n","kind":"batch","command":["true"]}"#.into(),
-            },
-        };
         let mut acknowledged = Vec::new();
         {
             let disk = RedbLog::open(&path).unwrap();
@@ -742,7 +737,7 @@ mod tests {
             let mut writes_taken = 0;
             for i in 0..5 {
                 if replica.is_leader() {
-                    replica.propose(replicated::encode(&submit(i))).unwrap();
+                    replica.propose(replicated::encode(&submission(i))).unwrap();
                 }
                 while let Some(mut started) = replica.start_ready(&mut |_| {}) {
                     let output = match started.take_write() {
