@@ -34,11 +34,11 @@ const EVENTS_PER_READY_MAX: usize = 4096;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Every this many ticks a member starts copying the artifacts it lacks.
 const ARTIFACT_SYNC_TICKS: u64 = 10;
-/// A proposal or linearizable read not answered in this time gets a 503.
 /// A follower writes a Ready of at most this many entries on the event loop's thread.
 const FOLLOWER_INLINE_ENTRIES_MAX: usize = 8;
 /// Connections the HTTP listener holds before they are accepted, as Go's servers (Nomad) get.
 const HTTP_BACKLOG: i32 = 4096;
+/// A proposal or linearizable read not answered in this time gets a 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopped unit gets between the polite signal and the kill.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);

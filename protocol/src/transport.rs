@@ -60,6 +60,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     config.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
     config.max_concurrent_uni_streams(64u32.into());
     config.max_concurrent_bidi_streams(16u32.into());
+    // Ask the peer to acknowledge after 16 ack-eliciting packets (or its max ACK delay) rather
+    // than every other one: Raft's and agents' request-reply traffic then carries its ACKs on
+    // the replies instead of packets of their own.
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(16u32.into());
     config.ack_frequency_config(Some(ack));
