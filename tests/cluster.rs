@@ -255,6 +255,20 @@ impl Cluster {
         self.nodes[i].handle = self.launch(&self.nodes[i], None, false);
     }
 
+    /// Waits until node `i`, restarted, has applied `expected` jobs; fails if it stops.
+    async fn wait_caught_up(&self, i: usize, expected: usize, what: &str, timeout: Duration) {
+        eventually(what, timeout, || async {
+            if let Handle::Task { task, .. } = &self.nodes[i].handle {
+                assert!(!task.is_finished(), "the restarted node stopped");
+            }
+            self.jobs(i, true)
+                .await
+                .ok()
+                .filter(|jobs| jobs.len() == expected)
+        })
+        .await;
+    }
+
     async fn jobs(&self, i: usize, stale: bool) -> Result<Vec<JobView>, u16> {
         let response = self
             .http
@@ -378,21 +392,14 @@ async fn leader_failover_keeps_every_acknowledged_submission(runner: Runner) {
     // The killed node comes back and catches up.
     cluster.restart(leader);
     let expected = jobs.len();
-    eventually(
-        "the restarted node to catch up",
-        Duration::from_secs(30),
-        || async {
-            if let Handle::Task { task, .. } = &cluster.nodes[leader].handle {
-                assert!(!task.is_finished(), "the restarted node stopped");
-            }
-            cluster
-                .jobs(leader, true)
-                .await
-                .ok()
-                .filter(|jobs| jobs.len() == expected)
-        },
-    )
-    .await;
+    cluster
+        .wait_caught_up(
+            leader,
+            expected,
+            "the restarted node to catch up",
+            Duration::from_secs(30),
+        )
+        .await;
 
     // A node cut off from the majority cannot commit, and says so with a 503.
     let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
@@ -474,20 +481,13 @@ async fn a_member_catches_up_from_a_snapshot_larger_than_a_frame() {
         submitted += 1;
     }
     cluster.restart(behind);
-    eventually(
-        "the member that was down to catch up from a snapshot of over 4 MiB",
-        Duration::from_secs(60),
-        || async {
-            if let Handle::Task { task, .. } = &cluster.nodes[behind].handle {
-                assert!(!task.is_finished(), "the restarted node stopped");
-            }
-            cluster
-                .jobs(behind, true)
-                .await
-                .ok()
-                .filter(|jobs| jobs.len() == submitted)
-        },
-    )
-    .await;
+    cluster
+        .wait_caught_up(
+            behind,
+            submitted,
+            "the member that was down to catch up from a snapshot of over 4 MiB",
+            Duration::from_secs(60),
+        )
+        .await;
     cluster.shutdown().await;
 }
