@@ -1142,32 +1142,37 @@ impl Coordinator {
             } else {
                 None
             };
-            let output = match write {
-                Some(batch) => {
-                    // Let the peer links put the appends on the wire first: the thread that
-                    // writes would otherwise take the CPU from them on a small machine.
-                    tokio::task::yield_now().await;
-                    let disk = self.replica.disk().clone();
-                    let (written, batch) =
-                        tokio::task::spawn_blocking(move || (disk.write(&batch), batch))
-                            .await
-                            .context("the raft log writer stopped")?;
-                    written.map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
-                    self.replica.finish_ready_written(started, batch)
-                }
-                None => self.replica.finish_ready(started),
+            if let Some(batch) = write {
+                // Let the peer links put the appends on the wire first: the thread that writes
+                // would otherwise take the CPU from them on a small machine.
+                tokio::task::yield_now().await;
+                let disk = self.replica.disk().clone();
+                let (written, batch) =
+                    tokio::task::spawn_blocking(move || (disk.write(&batch), batch))
+                        .await
+                        .context("the raft log writer stopped")?;
+                written.map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+                self.replica.record_written(&batch);
             }
-            .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
-            for to in early_failed
-                .into_iter()
-                .chain(self.peers.send(output.messages))
-            {
-                self.replica.report_snapshot(to, false);
+            let persisted = self
+                .replica
+                .write_ready(&mut started)
+                .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+            if !persisted.is_empty() {
+                // A follower's acknowledgement goes out before it applies what committed: the
+                // leader is waiting for it, and nobody waits for this node's state machine.
+                early_failed.extend(self.peers.send(persisted));
+                tokio::task::yield_now().await;
             }
+            let output = self
+                .replica
+                .finish_ready(started)
+                .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
             if let Some(leader) = output.leader_changed {
                 self.handle_leadership(leader);
             }
             applied_any |= !output.applied.is_empty();
+            // Answers first: their tasks then run before the peer links the messages below wake.
             for (_, request_id, outcome) in output.applied {
                 if request_id.is_some() && request_id == self.place_in_flight.map(|(id, _)| id) {
                     self.place_in_flight = None;
@@ -1175,6 +1180,12 @@ impl Coordinator {
                 if let Some(pending) = request_id.and_then(|id| self.pending.remove(&id)) {
                     let _ = pending.reply.send(Ok(outcome));
                 }
+            }
+            for to in early_failed
+                .into_iter()
+                .chain(self.peers.send(output.messages))
+            {
+                self.replica.report_snapshot(to, false);
             }
             for (context, index) in output.reads {
                 let Ok(bytes) = <[u8; 8]>::try_from(context.as_slice()) else {

@@ -73,8 +73,17 @@ impl RedbLog {
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
             let mut log = txn.open_table(LOG).map_err(redb_error)?;
-            let mut meta = txn.open_table(META).map_err(redb_error)?;
-            if let Some(snapshot) = &batch.snapshot {
+            // A plain append (the common write) leaves the metadata table alone: each table a
+            // transaction opens for writing costs pages in its commit.
+            let mut meta = if batch.snapshot.is_some()
+                || batch.hard_state.is_some()
+                || batch.conf_state.is_some()
+            {
+                Some(txn.open_table(META).map_err(redb_error)?)
+            } else {
+                None
+            };
+            if let (Some(snapshot), Some(meta)) = (&batch.snapshot, &mut meta) {
                 let index = snapshot.get_metadata().index;
                 let term = snapshot.get_metadata().term;
                 // Entries up to the snapshot go; later ones stay only if the log agrees with it.
@@ -96,18 +105,21 @@ impl RedbLog {
                 .map_err(redb_error)?;
             }
             if let Some(first) = batch.entries.first() {
-                log.retain_in(first.index.., |_, _| false)
-                    .map_err(redb_error)?;
+                let last = log.last().map_err(redb_error)?.map(|(key, _)| key.value());
+                if last.is_some_and(|last| last >= first.index) {
+                    log.retain_in(first.index.., |_, _| false)
+                        .map_err(redb_error)?;
+                }
                 for entry in &batch.entries {
                     log.insert(entry.index, encode(entry).as_slice())
                         .map_err(redb_error)?;
                 }
             }
-            if let Some(hard_state) = &batch.hard_state {
+            if let (Some(hard_state), Some(meta)) = (&batch.hard_state, &mut meta) {
                 meta.insert(HARD_STATE, encode(hard_state).as_slice())
                     .map_err(redb_error)?;
             }
-            if let Some(conf_state) = &batch.conf_state {
+            if let (Some(conf_state), Some(meta)) = (&batch.conf_state, &mut meta) {
                 meta.insert(CONF_STATE, encode(conf_state).as_slice())
                     .map_err(redb_error)?;
             }

@@ -9,11 +9,12 @@
 //! 1. send the messages raft allows before persistence (a leader's appends to followers);
 //! 2. persist the snapshot, the new entries and the hard state, and fsync, in one batch;
 //! 3. restore the state machine from a received snapshot, then apply committed entries;
-//! 4. `advance`, persist the new commit index with the next batch, apply what `advance` committed;
+//! 4. `advance`, apply what `advance` committed;
 //! 5. return every other message only now, after the writes they depend on are durable.
 //!
-//! A batch that only advances the commit index is not fsynced: the commit index is volatile in
-//! Raft (section 5.3) and a restarted node learns it again from the leader.
+//! The hard state is written only when its term or vote changes. The commit index is volatile in
+//! Raft (section 5.3): a restarted node learns it again from the leader, and restarts from its
+//! snapshot, whose index is committed by definition. So an append writes only the log.
 
 pub mod disk;
 pub mod logging;
@@ -140,7 +141,7 @@ impl<O> StartedReady<O> {
     }
 
     /// Takes the writes, for the caller to make durable elsewhere (off its event loop) exactly
-    /// as [`Durable::persist`] would, and to hand back to [`Replica::finish_ready_written`].
+    /// as [`Durable::persist`] would, and to hand back to [`Replica::record_written`].
     pub fn take_write(&mut self) -> Option<PersistBatch> {
         self.write.take()
     }
@@ -155,8 +156,6 @@ pub struct Replica<M: StateMachine, D: Durable> {
     /// Bytes of the entries applied since the last snapshot, and that snapshot's size.
     applied_bytes_since_snapshot: u64,
     snapshot_bytes: u64,
-    /// The commit index advanced in memory and not yet written with a batch.
-    commit_dirty: bool,
     leader: Option<u64>,
 }
 
@@ -229,7 +228,6 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             applied,
             applied_bytes_since_snapshot: 0,
             snapshot_bytes,
-            commit_dirty: false,
             leader: None,
         })
     }
@@ -377,41 +375,36 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         Ok(())
     }
 
-    /// What of `batch` must reach the disk: `None` when nothing must (an empty batch, or one
-    /// that only advances the commit index, which then waits in memory for the next write).
+    /// What of `batch` must reach the disk: `None` when nothing must. A hard state is written
+    /// only when its term or vote changed: the commit index alone need not be durable (a
+    /// restarted node learns it again from the leader, and a snapshot proves its own index
+    /// committed), so it stays in memory and a follower's append writes only the log.
     fn plan_write(&mut self, mut batch: PersistBatch) -> Option<PersistBatch> {
-        if self.commit_dirty && batch.hard_state.is_none() {
-            batch.hard_state = Some(self.raw.store().hard_state().clone());
-        }
-        if let Some(hard_state) = &mut batch.hard_state {
-            hard_state.commit = hard_state.commit.max(self.raw.store().hard_state().commit);
-        }
-        if batch.is_empty() {
-            return None;
-        }
-        // Only the commit index moved: it need not be durable (a restarted node learns it again
-        // from the leader), so it waits for the next batch instead of costing an fsync.
         let stored = self.raw.store().hard_state();
-        let commit_only = batch.snapshot.is_none()
-            && batch.entries.is_empty()
-            && batch.conf_state.is_none()
-            && batch.compact_before.is_none()
-            && batch
-                .hard_state
-                .as_ref()
-                .is_some_and(|hs| hs.term == stored.term && hs.vote == stored.vote);
-        if commit_only {
-            self.raw.mut_store().apply(&batch);
-            self.commit_dirty = true;
-            return None;
+        if let Some(hard_state) = &mut batch.hard_state {
+            hard_state.commit = hard_state.commit.max(stored.commit);
+            if hard_state.term == stored.term && hard_state.vote == stored.vote {
+                let commit = hard_state.commit;
+                batch.hard_state = None;
+                self.note_commit(commit);
+            }
         }
-        Some(batch)
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    /// Records a commit index in the log raft-rs reads, without writing it.
+    fn note_commit(&mut self, commit: u64) {
+        let mut hard_state = self.raw.store().hard_state().clone();
+        hard_state.commit = hard_state.commit.max(commit);
+        self.raw.mut_store().apply(&PersistBatch {
+            hard_state: Some(hard_state),
+            ..Default::default()
+        });
     }
 
     /// `batch` is durable: raft-rs may now read it.
     fn written(&mut self, batch: &PersistBatch) {
         self.raw.mut_store().apply(batch);
-        self.commit_dirty = false;
     }
 
     fn apply_entries(
@@ -515,16 +508,35 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         })
     }
 
-    /// The rest of the Ready contract for a Ready [`Replica::start_ready`] took: its writes,
-    /// fsynced here unless the caller took them, then applying and `advance`.
-    pub fn finish_ready(
+    /// The second step: makes the Ready's writes durable (fsynced here unless the caller took
+    /// them and gave them back to [`Replica::record_written`]) and returns the messages that
+    /// waited for them (a follower's acknowledgements), which may go out before
+    /// [`Replica::finish_ready`] applies what committed.
+    pub fn write_ready(
         &mut self,
-        mut started: StartedReady<M::Outcome>,
-    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+        started: &mut StartedReady<M::Outcome>,
+    ) -> Result<Vec<Message>, ReplicaError<D::Error>> {
         if let Some(batch) = started.write.take() {
             self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
             self.written(&batch);
         }
+        Ok(started.ready.take_persisted_messages())
+    }
+
+    /// The writes [`StartedReady::take_write`] took are durable.
+    pub fn record_written(&mut self, batch: &PersistBatch) {
+        self.written(batch);
+    }
+
+    /// The rest of the Ready contract for a Ready [`Replica::start_ready`] took: its writes and
+    /// the messages that waited for them, if [`Replica::write_ready`] did not yet take them,
+    /// then applying and `advance`.
+    pub fn finish_ready(
+        &mut self,
+        mut started: StartedReady<M::Outcome>,
+    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
+        let persisted = self.write_ready(&mut started)?;
+        started.output.messages.extend(persisted);
         let StartedReady {
             mut ready,
             mut output,
@@ -546,32 +558,15 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
                 .into_iter()
                 .map(|state| (state.request_ctx, state.index)),
         );
-        output.messages.extend(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            let mut hard_state = self.raw.store().hard_state().clone();
-            hard_state.commit = commit;
-            self.raw.mut_store().apply(&PersistBatch {
-                hard_state: Some(hard_state),
-                ..Default::default()
-            });
-            self.commit_dirty = true;
+            self.note_commit(commit);
         }
         output.messages.extend(light.take_messages());
         self.apply_entries(light.take_committed_entries(), &mut output)?;
         self.raw.advance_apply_to(self.applied);
         self.maybe_compact()?;
         Ok(output)
-    }
-
-    /// [`Replica::finish_ready`] for a Ready whose writes the caller took and made durable.
-    pub fn finish_ready_written(
-        &mut self,
-        started: StartedReady<M::Outcome>,
-        written: PersistBatch,
-    ) -> Result<Output<M::Outcome>, ReplicaError<D::Error>> {
-        self.written(&written);
-        self.finish_ready(started)
     }
 
     /// The disk the log is written to.
@@ -714,6 +709,119 @@ mod tests {
         }
     }
 
+    /// Redb, keeping what each write held: (entries, whether a hard state).
+    #[derive(Clone)]
+    struct Recording {
+        inner: RedbLog,
+        writes: std::rc::Rc<std::cell::RefCell<Vec<(usize, bool)>>>,
+    }
+
+    impl Durable for Recording {
+        type Error = disk::DiskError;
+
+        fn persist(&mut self, batch: &PersistBatch) -> Result<(), Self::Error> {
+            let summary = (batch.entries.len(), batch.hard_state.is_some());
+            self.writes.borrow_mut().push(summary);
+            self.inner.persist(batch)
+        }
+
+        fn load(&self) -> Result<Option<storage::Recovered>, Self::Error> {
+            self.inner.load()
+        }
+    }
+
+    type Recorded = Replica<State, Recording>;
+
+    /// Node `id` of a two-voter cluster, its log in `dir`, its writes recorded.
+    fn recorded_node(id: u64, dir: &std::path::Path) -> (Recorded, Recording) {
+        let disk = Recording {
+            inner: RedbLog::open(&dir.join(format!("raft-{id}.redb"))).unwrap(),
+            writes: Default::default(),
+        };
+        let replica = Replica::open(
+            ReplicaConfig::new(id),
+            State::default(),
+            disk.clone(),
+            Some(&[1, 2]),
+            &logging::logger(id),
+        )
+        .unwrap();
+        (replica, disk)
+    }
+
+    /// Runs both nodes' Readies and carries their messages until none is left.
+    fn exchange(nodes: &mut [&mut Recorded; 2]) {
+        loop {
+            let mut messages = Vec::new();
+            for node in nodes.iter_mut() {
+                while node.has_ready() {
+                    let output = node
+                        .handle_ready(&mut |early| messages.extend(early))
+                        .unwrap();
+                    messages.extend(output.messages);
+                }
+            }
+            if messages.is_empty() {
+                return;
+            }
+            for message in messages {
+                nodes[message.to as usize - 1].step(message).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_follower_writes_only_the_log_and_relearns_the_commit_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut leader, _) = recorded_node(1, dir.path());
+        let (mut follower, follower_disk) = recorded_node(2, dir.path());
+        let follower_writes = follower_disk.writes.clone();
+        leader.campaign().unwrap();
+        exchange(&mut [&mut leader, &mut follower]);
+        assert!(leader.is_leader());
+        assert!(
+            follower_writes
+                .borrow()
+                .iter()
+                .any(|&(_, hard_state)| hard_state),
+            "the election's term and vote were written: {:?}",
+            follower_writes.borrow()
+        );
+        follower_writes.borrow_mut().clear();
+        for i in 0..20 {
+            leader.propose(replicated::encode(&submission(i))).unwrap();
+            exchange(&mut [&mut leader, &mut follower]);
+        }
+        assert_eq!(follower.machine().jobs.len(), 20);
+        let writes = follower_writes.borrow().clone();
+        assert!(
+            writes.iter().any(|&(entries, _)| entries > 0),
+            "the follower wrote the entries: {writes:?}"
+        );
+        assert!(
+            writes.iter().all(|&(_, hard_state)| !hard_state),
+            "the appends carried new commit indexes but no new term or vote, so no hard state \
+             was written: {writes:?}"
+        );
+        // Restarted, the follower has its log but an old commit index: it applies nothing until
+        // the leader's next heartbeat tells it what committed.
+        drop(follower);
+        let mut follower = Replica::open(
+            ReplicaConfig::new(2),
+            State::default(),
+            follower_disk,
+            None,
+            &logging::logger(2),
+        )
+        .unwrap();
+        assert_eq!(follower.last_index(), leader.last_index());
+        for _ in 0..ReplicaConfig::new(1).heartbeat_tick {
+            leader.tick().unwrap();
+        }
+        exchange(&mut [&mut leader, &mut follower]);
+        assert_eq!(follower.machine().jobs.len(), 20);
+    }
+
     /// The daemon's way through a Ready: it takes the write, makes it durable through another
     /// handle on the same redb file (on a blocking thread), and finishes. What it acknowledged
     /// must be what a restart finds.
@@ -740,20 +848,18 @@ mod tests {
                     replica.propose(replicated::encode(&submission(i))).unwrap();
                 }
                 while let Some(mut started) = replica.start_ready(&mut |_| {}) {
-                    let output = match started.take_write() {
-                        Some(batch) => {
-                            writes_taken += 1;
-                            let elsewhere = replica.disk().clone();
-                            let batch = std::thread::spawn(move || {
-                                elsewhere.write(&batch).unwrap();
-                                batch
-                            })
-                            .join()
-                            .unwrap();
-                            replica.finish_ready_written(started, batch).unwrap()
-                        }
-                        None => replica.finish_ready(started).unwrap(),
-                    };
+                    if let Some(batch) = started.take_write() {
+                        writes_taken += 1;
+                        let elsewhere = replica.disk().clone();
+                        let batch = std::thread::spawn(move || {
+                            elsewhere.write(&batch).unwrap();
+                            batch
+                        })
+                        .join()
+                        .unwrap();
+                        replica.record_written(&batch);
+                    }
+                    let output = replica.finish_ready(started).unwrap();
                     acknowledged.extend(output.applied.iter().filter_map(|(_, id, _)| *id));
                 }
             }
