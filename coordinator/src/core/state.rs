@@ -118,6 +118,13 @@ impl Job {
 #[derive(Clone, Default)]
 pub struct ParsedSpec(std::sync::OnceLock<Option<Arc<JobSpec>>>);
 
+impl ParsedSpec {
+    /// The cache already holding `spec`, parsed from the job's `spec_json` by the caller.
+    fn holding(spec: Option<Arc<JobSpec>>) -> Self {
+        Self(std::sync::OnceLock::from(spec))
+    }
+}
+
 impl PartialEq for ParsedSpec {
     fn eq(&self, _: &Self) -> bool {
         true
@@ -301,14 +308,20 @@ impl State {
                         created: false,
                     };
                 }
-                let inputs = match serde_json::from_str(spec_json) {
-                    Ok(spec) => match self.admit(&spec) {
+                let spec = serde_json::from_str::<JobSpec>(spec_json)
+                    .ok()
+                    .map(Arc::new);
+                let inputs = match &spec {
+                    Some(spec) => match self.admit(spec) {
                         Ok(inputs) => inputs,
                         Err(refusal) => return refusal,
                     },
                     // Tests submit placeholder specs; a real one was validated by the API.
-                    Err(_) => Vec::new(),
+                    None => Vec::new(),
                 };
+                let serving = spec
+                    .as_ref()
+                    .is_some_and(|spec| spec.kind == gantry_protocol::jobspec::JobKind::Serving);
                 self.jobs.insert(
                     job_id.clone(),
                     Job {
@@ -328,10 +341,12 @@ impl State {
                         generation: 0,
                         inputs,
                         artifacts: BTreeMap::new(),
-                        parsed: Default::default(),
+                        parsed: ParsedSpec::holding(spec),
                     },
                 );
-                self.index_serving(job_id);
+                if serving {
+                    self.serving_jobs.insert(job_id.clone());
+                }
                 self.live_jobs.insert(job_id.clone());
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(
