@@ -319,9 +319,6 @@ impl State {
                     // Tests submit placeholder specs; a real one was validated by the API.
                     None => Vec::new(),
                 };
-                let serving = spec
-                    .as_ref()
-                    .is_some_and(|spec| spec.kind == gantry_protocol::jobspec::JobKind::Serving);
                 self.jobs.insert(
                     job_id.clone(),
                     Job {
@@ -344,9 +341,8 @@ impl State {
                         parsed: ParsedSpec::holding(spec),
                     },
                 );
-                if serving {
-                    self.serving_jobs.insert(job_id.clone());
-                }
+                // Reads the spec parsed above, kept in the job.
+                self.index_serving(job_id);
                 self.live_jobs.insert(job_id.clone());
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(

@@ -370,7 +370,7 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
     fn persist(&mut self, batch: PersistBatch) -> Result<(), ReplicaError<D::Error>> {
         if let Some(batch) = self.plan_write(batch) {
             self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
-            self.written(&batch);
+            self.record_written(&batch);
         }
         Ok(())
     }
@@ -402,8 +402,9 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         });
     }
 
-    /// `batch` is durable: raft-rs may now read it.
-    fn written(&mut self, batch: &PersistBatch) {
+    /// `batch` is durable (written here, or taken by [`StartedReady::take_write`] and written
+    /// by the caller): raft-rs may now read it.
+    pub fn record_written(&mut self, batch: &PersistBatch) {
         self.raw.mut_store().apply(batch);
     }
 
@@ -518,14 +519,9 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
     ) -> Result<Vec<Message>, ReplicaError<D::Error>> {
         if let Some(batch) = started.write.take() {
             self.disk.persist(&batch).map_err(ReplicaError::Disk)?;
-            self.written(&batch);
+            self.record_written(&batch);
         }
         Ok(started.ready.take_persisted_messages())
-    }
-
-    /// The writes [`StartedReady::take_write`] took are durable.
-    pub fn record_written(&mut self, batch: &PersistBatch) {
-        self.written(batch);
     }
 
     /// The rest of the Ready contract for a Ready [`Replica::start_ready`] took: its writes and
