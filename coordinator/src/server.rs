@@ -659,9 +659,7 @@ impl Coordinator {
         if self.ticks.is_multiple_of(ARTIFACT_SYNC_TICKS) {
             self.sync_artifacts();
         }
-        self.replica
-            .tick()
-            .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+        self.replica.tick().map_err(storage_failed)?;
         let now = Instant::now();
         let expired: Vec<u64> = self
             .pending
@@ -1151,23 +1149,20 @@ impl Coordinator {
                     tokio::task::spawn_blocking(move || (disk.write(&batch), batch))
                         .await
                         .context("the raft log writer stopped")?;
-                written.map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+                written.map_err(storage_failed)?;
                 self.replica.record_written(&batch);
             }
             let persisted = self
                 .replica
                 .write_ready(&mut started)
-                .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+                .map_err(storage_failed)?;
             if !persisted.is_empty() {
                 // A follower's acknowledgement goes out before it applies what committed: the
                 // leader is waiting for it, and nobody waits for this node's state machine.
                 early_failed.extend(self.peers.send(persisted));
                 tokio::task::yield_now().await;
             }
-            let output = self
-                .replica
-                .finish_ready(started)
-                .map_err(|e| anyhow::anyhow!("raft storage failed: {e}"))?;
+            let output = self.replica.finish_ready(started).map_err(storage_failed)?;
             if let Some(leader) = output.leader_changed {
                 self.handle_leadership(leader);
             }
@@ -1560,6 +1555,11 @@ pub enum Membership {
 }
 
 /// Runs a coordinator until `shutdown` resolves.
+/// A failure of the Raft log's disk: the coordinator stops rather than go on without it.
+fn storage_failed(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("raft storage failed: {e}")
+}
+
 pub async fn run(
     config: CoordinatorConfig,
     listeners: Listeners,
