@@ -7,7 +7,8 @@
 //! - `node.crt`, `node.key`: this coordinator's certificate (role coordinator) and key;
 //! - `admin.token`: the bearer token with every right on the HTTP API;
 //! - `node.id`: this coordinator's Raft node id;
-//! - `raft.redb`: the Raft log, hard state and snapshots.
+//! - `raft.redb`: the Raft log, hard state and snapshots; `raft.wal`: the write-ahead file in
+//!   front of it (see `replica::disk`).
 
 use anyhow::{bail, Context, Result};
 use gantry_protocol::pki::{self, write_file_atomic, ClusterCa};
