@@ -22,8 +22,11 @@
 //! process runtime's ([`super::logs`]). The follower asks Docker for timestamps and records the
 //! newest one it wrote (`docker-logs.cursor`), so a follower resumed after an agent restart
 //! skips what is already on disk. Should the agent die between writing a batch of output and
-//! recording its cursor, that batch is written twice; stdout and stderr lines stamped out of
-//! order by the daemon within the same instant could be skipped on resume. The daemon keeps its
+//! recording its cursor, that batch is written twice. The daemon copies stdout and stderr
+//! separately, so one stream can deliver a line stamped before the other stream's previous line:
+//! the skip bound is therefore the cursor as it stood when the follow began, never a stamp seen
+//! in the same follow ([`LogCursor`]); a line delivered that far out of order across a resume
+//! could still be skipped. The daemon keeps its
 //! own copy bounded too (json-file, two files of `log_bytes_max`).
 //!
 //! Architecture invariant: containers outlive the agent. `shutdown` stops only the watchers; the
@@ -901,6 +904,44 @@ fn split_timestamp(frame: &[u8]) -> (Option<(i64, u32)>, &[u8]) {
     }
 }
 
+/// Which of a follow's frames are new, and the newest stamp written.
+#[derive(Debug, Clone, Copy, Default)]
+struct LogCursor {
+    /// Frames stamped at or before this were written by an earlier follow.
+    written_through: Option<(i64, u32)>,
+    newest: Option<(i64, u32)>,
+}
+
+impl LogCursor {
+    fn new(newest: Option<(i64, u32)>) -> Self {
+        Self {
+            written_through: newest,
+            newest,
+        }
+    }
+
+    /// A follow starts (again) from the newest stamp written so far.
+    fn restart(&mut self) {
+        self.written_through = self.newest;
+    }
+
+    /// Whether a frame with this stamp is to be written; a written stamp newer than any before
+    /// moves the cursor (the answer to `moved`).
+    fn admit(&mut self, stamp: Option<(i64, u32)>) -> (bool, bool) {
+        let Some(stamp) = stamp else {
+            return (true, false);
+        };
+        if self.written_through.is_some_and(|seen| stamp <= seen) {
+            return (false, false);
+        }
+        let moved = self.newest.is_none_or(|newest| stamp > newest);
+        if moved {
+            self.newest = Some(stamp);
+        }
+        (true, moved)
+    }
+}
+
 /// Follows the container's output into its bounded logs until the output ends, skipping what
 /// the cursor says is on disk already (see the module documentation).
 async fn follow_logs(
@@ -912,10 +953,12 @@ async fn follow_logs(
     allocation_id: &str,
 ) {
     let cursor_path = alloc_dir.join(LOG_CURSOR_FILE);
-    let mut cursor: Option<(i64, u32)> = tokio::fs::read_to_string(&cursor_path)
-        .await
-        .ok()
-        .and_then(|text| parse_timestamp(text.trim()));
+    let mut cursor = LogCursor::new(
+        tokio::fs::read_to_string(&cursor_path)
+            .await
+            .ok()
+            .and_then(|text| parse_timestamp(text.trim())),
+    );
     let mut logs = match (
         BoundedLog::open(alloc_dir, STDOUT_LOG, log_bytes_max, rotation).await,
         BoundedLog::open(alloc_dir, STDERR_LOG, log_bytes_max, rotation).await,
@@ -929,7 +972,9 @@ async fn follow_logs(
     let mut log_failed = false;
     let mut n_reconnects = 0u32;
     loop {
+        cursor.restart();
         let since = cursor
+            .newest
             .and_then(|(seconds, _)| i32::try_from(seconds).ok())
             .unwrap_or(0);
         let options = LogsOptionsBuilder::default()
@@ -956,10 +1001,9 @@ async fn follow_logs(
                     }
                 };
                 let (stamp, output) = split_timestamp(&message);
-                if let (Some(stamp), Some(seen)) = (stamp, cursor) {
-                    if stamp <= seen {
-                        continue;
-                    }
+                let (new, moved) = cursor.admit(stamp);
+                if !new {
+                    continue;
                 }
                 if !log_failed {
                     if let Err(e) = logs[stream_idx].write(output).await {
@@ -967,8 +1011,7 @@ async fn follow_logs(
                         log_failed = true;
                     }
                 }
-                if let Some(stamp) = stamp {
-                    cursor = Some(stamp);
+                if moved {
                     newest_text = std::str::from_utf8(&message[..message.len() - output.len() - 1])
                         .ok()
                         .map(str::to_owned);
@@ -1426,6 +1469,30 @@ mod tests {
                 "{image}"
             );
         }
+    }
+
+    #[test]
+    fn a_line_stamped_before_the_other_streams_last_is_kept_and_skipped_only_after_a_resume() {
+        // `echo out; echo err >&2`: the daemon's stderr copier delivered first.
+        let (out, err, later) = ((10, 1), (10, 2), (11, 0));
+        let mut cursor = LogCursor::new(None);
+        assert_eq!(cursor.admit(Some(err)), (true, true));
+        assert_eq!(
+            cursor.admit(Some(out)),
+            (true, false),
+            "out of order, still new"
+        );
+        assert_eq!(cursor.newest, Some(err));
+        assert_eq!(cursor.admit(None), (true, false));
+        // The follow starts again from the newest stamp written: everything up to it is on disk.
+        cursor.restart();
+        assert_eq!(cursor.admit(Some(out)), (false, false));
+        assert_eq!(cursor.admit(Some(err)), (false, false));
+        assert_eq!(cursor.admit(Some(later)), (true, true));
+        // An agent restarted with the cursor file starts where it said.
+        let mut resumed = LogCursor::new(Some(err));
+        assert_eq!(resumed.admit(Some(err)), (false, false));
+        assert_eq!(resumed.admit(Some(later)), (true, true));
     }
 
     #[test]
