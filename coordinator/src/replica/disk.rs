@@ -510,6 +510,7 @@ mod tests {
         assert_eq!(recovered.snapshot.data.as_ref(), b"state at 3");
         assert_eq!(recovered.conf_state.voters, vec![1, 2, 3]);
     }
+
     /// What a kill -9 leaves: the files as the page cache holds them, the process gone without
     /// closing the database.
     fn crash_image(from: &Path, to: &Path) {
@@ -517,6 +518,23 @@ mod tests {
         for name in ["raft.redb", "raft.wal"] {
             std::fs::copy(from.join(name), to.join(name)).unwrap();
         }
+    }
+
+    fn open_in(dir: &Path) -> RedbLog {
+        std::fs::create_dir_all(dir).unwrap();
+        RedbLog::open(&dir.join("raft.redb")).unwrap()
+    }
+
+    fn load_from(dir: &Path) -> Recovered {
+        open_in(dir).load().unwrap().unwrap()
+    }
+
+    fn append(disk: &RedbLog, entry: Entry) {
+        disk.write(&PersistBatch {
+            entries: vec![entry],
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     fn indexes(recovered: &Recovered) -> Vec<(u64, u64)> {
@@ -531,14 +549,9 @@ mod tests {
     fn every_acknowledged_write_survives_a_crash_through_the_write_ahead_file() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
-        std::fs::create_dir_all(&live).unwrap();
-        let disk = RedbLog::open(&live.join("raft.redb")).unwrap();
+        let disk = open_in(&live);
         for i in 1..=3 {
-            disk.write(&PersistBatch {
-                entries: vec![entry(i, 1)],
-                ..Default::default()
-            })
-            .unwrap();
+            append(&disk, entry(i, 1));
         }
         let mut snapshot = Snapshot::default();
         snapshot.mut_metadata().index = 2;
@@ -564,24 +577,17 @@ mod tests {
             .unwrap();
         }
         // The last three writes are in the write-ahead file alone: redb by itself lost them.
-        crash_image(&live, &dir.path().join("redb-only"));
-        std::fs::remove_file(dir.path().join("redb-only/raft.wal")).unwrap();
-        let redb_only = RedbLog::open(&dir.path().join("redb-only/raft.redb"))
-            .unwrap()
-            .load()
-            .unwrap()
-            .unwrap();
-        assert_eq!(indexes(&redb_only), vec![(3, 1)]);
+        let redb_only = dir.path().join("redb-only");
+        crash_image(&live, &redb_only);
+        std::fs::remove_file(redb_only.join("raft.wal")).unwrap();
+        assert_eq!(indexes(&load_from(&redb_only)), vec![(3, 1)]);
 
-        crash_image(&live, &dir.path().join("crashed"));
+        let crashed = dir.path().join("crashed");
+        crash_image(&live, &crashed);
         drop(disk);
         for _ in 0..2 {
             // Twice: the replay itself must leave what it replayed durable and the file void.
-            let recovered = RedbLog::open(&dir.path().join("crashed/raft.redb"))
-                .unwrap()
-                .load()
-                .unwrap()
-                .unwrap();
+            let recovered = load_from(&crashed);
             assert_eq!(indexes(&recovered), vec![(3, 1), (4, 2), (5, 2), (6, 2)]);
             assert_eq!(recovered.snapshot.data.as_ref(), b"state at 2");
             assert_eq!(
@@ -595,19 +601,11 @@ mod tests {
     fn a_record_torn_by_the_crash_is_dropped_with_nothing_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
-        std::fs::create_dir_all(&live).unwrap();
-        let disk = RedbLog::open(&live.join("raft.redb")).unwrap();
-        let write = |i| {
-            disk.write(&PersistBatch {
-                entries: vec![entry(i, 1)],
-                ..Default::default()
-            })
-            .unwrap()
-        };
-        write(1);
-        write(2);
+        let disk = open_in(&live);
+        append(&disk, entry(1, 1));
+        append(&disk, entry(2, 1));
         let before = std::fs::read(live.join("raft.wal")).unwrap();
-        write(3);
+        append(&disk, entry(3, 1));
         let after = std::fs::read(live.join("raft.wal")).unwrap();
         // The third record half written: its first bytes new, the rest still what was there.
         let changed: Vec<usize> = (0..after.len())
@@ -617,22 +615,17 @@ mod tests {
         let mut torn = after.clone();
         let middle = (first + last) / 2;
         torn[middle..=last].copy_from_slice(&before[middle..=last]);
-        crash_image(&live, &dir.path().join("crashed"));
-        std::fs::write(dir.path().join("crashed/raft.wal"), &torn).unwrap();
-        let recovered = RedbLog::open(&dir.path().join("crashed/raft.redb"))
-            .unwrap()
-            .load()
-            .unwrap()
-            .unwrap();
-        assert_eq!(indexes(&recovered), vec![(1, 1), (2, 1)]);
+        let crashed = dir.path().join("crashed");
+        crash_image(&live, &crashed);
+        std::fs::write(crashed.join("raft.wal"), &torn).unwrap();
+        assert_eq!(indexes(&load_from(&crashed)), vec![(1, 1), (2, 1)]);
     }
 
     #[test]
     fn records_from_before_a_durable_commit_are_never_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
-        std::fs::create_dir_all(&live).unwrap();
-        let disk = RedbLog::open(&live.join("raft.redb")).unwrap();
+        let disk = open_in(&live);
         // A full file of records, then the write that commits durably and voids them, then one
         // record at the file's start. The voided records still follow it in the file; replayed,
         // they would cut the log back to their own entries. Entries of one size put the new
@@ -646,20 +639,12 @@ mod tests {
         let first = 200;
         let last = first + u64::from(WAL_RECORDS_MAX) + 1;
         for i in first..=last {
-            disk.write(&PersistBatch {
-                entries: vec![entry(i)],
-                ..Default::default()
-            })
-            .unwrap();
+            append(&disk, entry(i));
         }
-        crash_image(&live, &dir.path().join("crashed"));
-        let recovered = RedbLog::open(&dir.path().join("crashed/raft.redb"))
-            .unwrap()
-            .load()
-            .unwrap()
-            .unwrap();
+        let crashed = dir.path().join("crashed");
+        crash_image(&live, &crashed);
         assert_eq!(
-            indexes(&recovered),
+            indexes(&load_from(&crashed)),
             (first..=last).map(|i| (i, 1)).collect::<Vec<_>>()
         );
     }
