@@ -26,8 +26,8 @@
 //! separately, so one stream can deliver a line stamped before the other stream's previous line:
 //! the skip bound is therefore the cursor as it stood when the follow began, never a stamp seen
 //! in the same follow ([`LogCursor`]); a line delivered that far out of order across a resume
-//! could still be skipped. The daemon keeps its
-//! own copy bounded too (json-file, two files of `log_bytes_max`).
+//! could still be skipped. The daemon keeps its own copy bounded too (json-file, two files of
+//! `log_bytes_max`).
 //!
 //! Architecture invariant: containers outlive the agent. `shutdown` stops only the watchers; the
 //! next start of the agent adopts running containers ([`Runtime::recover`]), reports those that
