@@ -442,6 +442,20 @@ mod tests {
         }
     }
 
+    /// A snapshot at `index` (term 1, voters 1 to 3) and the compaction of the log it covers.
+    fn compaction(index: u64, data: &[u8]) -> PersistBatch {
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = index;
+        snapshot.mut_metadata().term = 1;
+        snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snapshot.data = data.to_vec().into();
+        PersistBatch {
+            snapshot: Some(snapshot),
+            compact_before: Some(index + 1),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn what_was_persisted_is_what_is_loaded_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -487,17 +501,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let mut snapshot = Snapshot::default();
-        snapshot.mut_metadata().index = 3;
-        snapshot.mut_metadata().term = 1;
-        snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
-        snapshot.data = b"state at 3".to_vec().into();
-        disk.persist(&PersistBatch {
-            snapshot: Some(snapshot),
-            compact_before: Some(4),
-            ..Default::default()
-        })
-        .unwrap();
+        disk.persist(&compaction(3, b"state at 3")).unwrap();
         let recovered = disk.load().unwrap().unwrap();
         assert_eq!(
             recovered
@@ -553,16 +557,7 @@ mod tests {
         for i in 1..=3 {
             append(&disk, entry(i, 1));
         }
-        let mut snapshot = Snapshot::default();
-        snapshot.mut_metadata().index = 2;
-        snapshot.mut_metadata().term = 1;
-        snapshot.data = b"state at 2".to_vec().into();
-        disk.write(&PersistBatch {
-            snapshot: Some(snapshot),
-            compact_before: Some(3),
-            ..Default::default()
-        })
-        .unwrap();
+        disk.write(&compaction(2, b"state at 2")).unwrap();
         for i in 4..=6 {
             disk.write(&PersistBatch {
                 entries: vec![entry(i, 2)],
