@@ -1554,12 +1554,12 @@ pub enum Membership {
     Join { token: String, seed: String },
 }
 
-/// Runs a coordinator until `shutdown` resolves.
 /// A failure of the Raft log's disk: the coordinator stops rather than go on without it.
 fn storage_failed(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("raft storage failed: {e}")
 }
 
+/// Runs a coordinator until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
     listeners: Listeners,
