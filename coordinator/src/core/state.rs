@@ -247,15 +247,8 @@ impl State {
         state
     }
 
-    fn index_serving(&mut self, job_id: &str) {
-        let serving = self
-            .jobs
-            .get(job_id)
-            .and_then(Job::spec)
-            .is_some_and(|spec| spec.kind == gantry_protocol::jobspec::JobKind::Serving);
-        if serving {
-            self.serving_jobs.insert(job_id.to_string());
-        }
+    fn is_serving(spec: Option<&Arc<JobSpec>>) -> bool {
+        spec.is_some_and(|spec| spec.kind == gantry_protocol::jobspec::JobKind::Serving)
     }
 
     fn audit(&mut self, index: u64, at_unix_ms: u64, actor: &str, action: String) {
@@ -311,6 +304,7 @@ impl State {
                 let spec = serde_json::from_str::<JobSpec>(spec_json)
                     .ok()
                     .map(Arc::new);
+                let serving = Self::is_serving(spec.as_ref());
                 let inputs = match &spec {
                     Some(spec) => match self.admit(spec) {
                         Ok(inputs) => inputs,
@@ -341,8 +335,9 @@ impl State {
                         parsed: ParsedSpec::holding(spec),
                     },
                 );
-                // Reads the spec parsed above, kept in the job.
-                self.index_serving(job_id);
+                if serving {
+                    self.serving_jobs.insert(job_id.clone());
+                }
                 self.live_jobs.insert(job_id.clone());
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(
@@ -542,10 +537,12 @@ impl State {
         }
         let mut state: Self =
             postcard::from_bytes(body).map_err(|e| format!("snapshot does not decode: {e}"))?;
-        let job_ids: Vec<String> = state.jobs.keys().cloned().collect();
-        for job_id in &job_ids {
-            state.index_serving(job_id);
-        }
+        state.serving_jobs = state
+            .jobs
+            .iter()
+            .filter(|(_, job)| Self::is_serving(job.spec().as_ref()))
+            .map(|(job_id, _)| job_id.clone())
+            .collect();
         state.live_jobs = state
             .jobs
             .values()
