@@ -594,11 +594,21 @@ async fn get_job_artifact(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
+/// `j-`, this node's clock in milliseconds (12 hex digits), then 64 random bits (16 hex digits).
+///
+/// Ids sort by submission time, give or take the clocks of the nodes, so a new job's key lands
+/// at the right edge of the state's ordered maps, a path that stays in cache. With wholly random
+/// ids, each of the forty or so key comparisons of a lookup among a few hundred thousand jobs
+/// missed the cache: at 512 clients, `memcmp` under `State::apply` took nearly half of a
+/// follower's CPU. The random part alone keeps ids unique.
 fn new_job_id() -> String {
     let mut bytes = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .expect("the system random source works");
-    format!("j-{}", hex::encode(bytes))
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64);
+    format!("j-{:012x}{}", now_ms & 0xffff_ffff_ffff, hex::encode(bytes))
 }
 
 /// A job spec from a request body, or a 400 naming the field at fault.
@@ -991,4 +1001,30 @@ async fn update_job(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_job_id;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn job_ids_are_unique_and_sort_by_the_time_they_were_made() {
+        let first = new_job_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let batch: Vec<String> = (0..10_000).map(|_| new_job_id()).collect();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let last = new_job_id();
+        for id in [&first, &last] {
+            assert_eq!(id.len(), 2 + 12 + 16, "{id}");
+            assert!(id.starts_with("j-"), "{id}");
+            assert!(
+                id[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{id}"
+            );
+        }
+        assert!(batch.iter().all(|id| &first < id && id < &last));
+        let distinct: BTreeSet<&String> = batch.iter().collect();
+        assert_eq!(distinct.len(), batch.len());
+    }
 }
