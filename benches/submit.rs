@@ -1,12 +1,14 @@
 //! Committed job submissions through a 3-node coordinator cluster: three real `gantry`
-//! coordinator processes on loopback, each with its own data dir (redb commits with immediate
-//! durability, so every commit is fsynced), and closed-loop HTTP clients submitting jobs to the
+//! coordinator processes on loopback, each with its own data dir (every write of the Raft log
+//! fsynced before it is acknowledged), and closed-loop HTTP clients submitting jobs to the
 //! leader. Reports, per concurrency level, committed submissions per second, p50 and p99 latency
 //! of the committed ones, and errors.
 //!
 //! cargo bench --bench submit -- [--clients 1,64,512] [--seconds 10] [--nodes 3|1]
 //!
-//! `--nodes 1` runs one coordinator alone, to see what replication adds.
+//! `--nodes 1` runs one coordinator alone, to see what replication adds. The coordinators log at
+//! `RUST_LOG` (default `warn`); `RUST_LOG=gantry_coordinator=info` shows each snapshot, its size
+//! and how long it held the coordinator's loop.
 mod common;
 
 use common::{free_port, Guard};
@@ -105,7 +107,10 @@ fn start_coordinator(data_dir: &Path, addrs: &NodeAddrs, join: Option<&str>) -> 
         ])
         .arg("--data-dir")
         .arg(data_dir)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     match join {

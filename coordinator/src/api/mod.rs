@@ -1019,7 +1019,9 @@ mod tests {
             assert_eq!(id.len(), 2 + 12 + 16, "{id}");
             assert!(id.starts_with("j-"), "{id}");
             assert!(
-                id[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                id[2..]
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
                 "{id}"
             );
         }
