@@ -7,8 +7,9 @@
 //! - `node.crt`, `node.key`: this coordinator's certificate (role coordinator) and key;
 //! - `admin.token`: the bearer token with every right on the HTTP API;
 //! - `node.id`: this coordinator's Raft node id;
-//! - `raft.redb`: the Raft log, hard state and snapshots; `raft.wal`: the write-ahead file in
-//!   front of it (see `replica::disk`).
+//! - `raft.redb`: the Raft log, hard state and the snapshot's metadata; `raft.wal`: the
+//!   write-ahead file in front of it; `raft.snap-INDEX-TERM`: the snapshot's bytes (see
+//!   `replica::disk`).
 
 use anyhow::{bail, Context, Result};
 use gantry_protocol::pki::{self, write_file_atomic, ClusterCa};

@@ -20,6 +20,14 @@
 //! Opening replays the records of the current epoch in order, up to the first that is torn (a
 //! bad checksum: the write a crash interrupted, never acknowledged) or of an older epoch, then
 //! commits them to redb durably under a new epoch.
+//!
+//! A snapshot's state bytes go to a file of their own beside the database (`raft.snap-INDEX-TERM`
+//! beside `raft.redb`), written, fdatasynced and renamed into place before the durable commit
+//! that names it in redb (with the snapshot's metadata) and drops the log it covers; files no
+//! commit names are removed after that commit and when opening. Into redb, a snapshot of 200 MB
+//! took up to 0.7 s to insert and 0.9 s to commit; a plain file of that size, a tenth of that.
+//! A database written before snapshots had files holds the bytes in the metadata; that is read
+//! as before.
 
 use super::storage::{Durable, PersistBatch, Recovered};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -29,7 +37,7 @@ use redb::{
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -37,6 +45,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT: &str = "snapshot";
+/// The name of the file, in the database's directory, that holds the snapshot's state bytes.
+const SNAPSHOT_FILE: &str = "snapshot_file";
 /// The write-ahead file's epoch: only its records stamped with this one are valid.
 const WAL_EPOCH: &str = "wal_epoch";
 
@@ -59,6 +69,18 @@ pub enum DiskError {
         path: String,
         source: std::io::Error,
     },
+    #[error("raft snapshot file {path}: {source}")]
+    SnapshotFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn snapshot_file_error(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
+    move |source| DiskError::SnapshotFile {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn redb_error(e: impl std::fmt::Display) -> DiskError {
@@ -70,6 +92,74 @@ fn redb_error(e: impl std::fmt::Display) -> DiskError {
 pub struct RedbLog {
     db: Arc<Database>,
     wal: Arc<Mutex<Wal>>,
+    snapshots: Arc<SnapshotFiles>,
+}
+
+/// Where snapshot files go: the database's directory, named after the database's file stem.
+struct SnapshotFiles {
+    dir: PathBuf,
+    /// `raft.snap-` for `raft.redb`.
+    prefix: String,
+}
+
+impl SnapshotFiles {
+    fn new(db_path: &Path) -> Self {
+        let dir = match db_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let stem = db_path
+            .file_stem()
+            .map_or("raft".into(), |stem| stem.to_string_lossy().into_owned());
+        Self {
+            dir,
+            prefix: format!("{stem}.snap-"),
+        }
+    }
+
+    fn name(&self, snapshot: &Snapshot) -> String {
+        let metadata = snapshot.get_metadata();
+        format!("{}{}-{}", self.prefix, metadata.index, metadata.term)
+    }
+
+    /// Writes the snapshot's bytes under [`Self::name`], durably: a temporary file fdatasynced,
+    /// renamed into place, the directory synced.
+    fn write(&self, snapshot: &Snapshot) -> Result<String, DiskError> {
+        let name = self.name(snapshot);
+        let path = self.dir.join(&name);
+        let partial = self.dir.join(format!("{name}.partial"));
+        let mut file = File::create(&partial).map_err(snapshot_file_error(&partial))?;
+        std::io::Write::write_all(&mut file, &snapshot.data)
+            .and_then(|()| file.sync_data())
+            .map_err(snapshot_file_error(&partial))?;
+        std::fs::rename(&partial, &path).map_err(snapshot_file_error(&path))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(snapshot_file_error(&self.dir))?;
+        Ok(name)
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<u8>, DiskError> {
+        let path = self.dir.join(name);
+        std::fs::read(&path).map_err(snapshot_file_error(&path))
+    }
+
+    /// Removes every snapshot file but `keep`: older ones, and any a crash left before the
+    /// commit that would have named it. Best effort: a file left over is only disk space.
+    fn remove_all_but(&self, keep: Option<&str>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(&self.prefix) && Some(name) != keep {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an old snapshot file");
+                }
+            }
+        }
+    }
 }
 
 struct Wal {
@@ -134,7 +224,8 @@ impl RedbLog {
             None => 0,
         };
         for batch in read_records(&wal, epoch)? {
-            apply(&txn, &batch)?;
+            // Records never hold a snapshot: a batch with one commits durably instead.
+            apply(&txn, &batch, None)?;
         }
         set_epoch(&txn, epoch + 1)?;
         txn.commit().map_err(redb_error)?;
@@ -156,11 +247,26 @@ impl RedbLog {
             }
         }
         wal.capacity = len.max(WAL_BYTES);
+        let snapshots = SnapshotFiles::new(path);
+        snapshots.remove_all_but(snapshot_file(&db)?.as_deref());
         Ok(Self {
             db: Arc::new(db),
             wal: Arc::new(Mutex::new(wal)),
+            snapshots: Arc::new(snapshots),
         })
     }
+}
+
+/// The snapshot file the database names, if any.
+fn snapshot_file(db: &Database) -> Result<Option<String>, DiskError> {
+    let txn = db.begin_read().map_err(redb_error)?;
+    let meta = txn.open_table(META).map_err(redb_error)?;
+    let Some(bytes) = meta.get(SNAPSHOT_FILE).map_err(redb_error)? else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes.value().to_vec())
+        .map(Some)
+        .map_err(|_| DiskError::Corrupt("the snapshot file's name".into()))
 }
 
 fn set_epoch(txn: &WriteTransaction, epoch: u64) -> Result<(), DiskError> {
@@ -286,8 +392,13 @@ fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> Result<M, DiskError
     M::parse_from_bytes(bytes).map_err(|e| DiskError::Corrupt(format!("{what}: {e}")))
 }
 
-/// Applies a batch in field order: snapshot, entries, hard state, conf state, compaction.
-fn apply(txn: &WriteTransaction, batch: &PersistBatch) -> Result<(), DiskError> {
+/// Applies a batch in field order: snapshot, entries, hard state, conf state, compaction. A
+/// snapshot's bytes are already in `snapshot_file`; redb gets its metadata and the file's name.
+fn apply(
+    txn: &WriteTransaction,
+    batch: &PersistBatch,
+    snapshot_file: Option<&str>,
+) -> Result<(), DiskError> {
     let mut log = txn.open_table(LOG).map_err(redb_error)?;
     // A plain append (the common write) leaves the metadata table alone: each table a
     // transaction opens for writing costs pages in its commit.
@@ -310,7 +421,13 @@ fn apply(txn: &WriteTransaction, batch: &PersistBatch) -> Result<(), DiskError> 
         } else {
             log.retain(|_, _| false).map_err(redb_error)?;
         }
-        meta.insert(SNAPSHOT, encode(snapshot).as_slice())
+        let file = snapshot_file
+            .ok_or_else(|| DiskError::Corrupt("a snapshot to store without its file".into()))?;
+        let mut metadata_only = Snapshot::default();
+        metadata_only.set_metadata(snapshot.get_metadata().clone());
+        meta.insert(SNAPSHOT, encode(&metadata_only).as_slice())
+            .map_err(redb_error)?;
+        meta.insert(SNAPSHOT_FILE, file.as_bytes())
             .map_err(redb_error)?;
         meta.insert(
             CONF_STATE,
@@ -371,11 +488,15 @@ impl RedbLog {
             encode_batch(batch, &mut record);
         }
         let fits = !record.is_empty() && wal.end + record.len() as u64 <= wal.capacity;
+        let snapshot_file = match &batch.snapshot {
+            Some(snapshot) => Some(self.snapshots.write(snapshot)?),
+            None => None,
+        };
         let mut txn = self.db.begin_write().map_err(redb_error)?;
         if fits {
             txn.set_durability(Durability::None).map_err(redb_error)?;
         }
-        apply(&txn, batch)?;
+        apply(&txn, batch, snapshot_file.as_deref())?;
         if !fits {
             // A durable commit: this batch and every one before it are in redb for good.
             set_epoch(&txn, wal.epoch + 1)?;
@@ -383,6 +504,9 @@ impl RedbLog {
             wal.epoch += 1;
             wal.end = 0;
             wal.records = 0;
+            if snapshot_file.is_some() {
+                self.snapshots.remove_all_but(snapshot_file.as_deref());
+            }
             return Ok(());
         }
         txn.commit().map_err(redb_error)?;
@@ -415,6 +539,11 @@ impl RedbLog {
         }
         if let Some(bytes) = snapshot {
             recovered.snapshot = decode::<Snapshot>(bytes.value(), "snapshot")?;
+            if let Some(name) = meta.get(SNAPSHOT_FILE).map_err(redb_error)? {
+                let name = std::str::from_utf8(name.value())
+                    .map_err(|_| DiskError::Corrupt("the snapshot file's name".into()))?;
+                recovered.snapshot.data = self.snapshots.read(name)?.into();
+            }
         }
         if let Some(bytes) = meta.get(CONF_STATE).map_err(redb_error)? {
             recovered.conf_state = decode::<ConfState>(bytes.value(), "conf state")?;
@@ -519,9 +648,20 @@ mod tests {
     /// closing the database.
     fn crash_image(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
-        for name in ["raft.redb", "raft.wal"] {
-            std::fs::copy(from.join(name), to.join(name)).unwrap();
+        for file in std::fs::read_dir(from).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
         }
+    }
+
+    fn snapshot_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|file| file.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("raft.snap-"))
+            .collect();
+        names.sort();
+        names
     }
 
     fn open_in(dir: &Path) -> RedbLog {
@@ -642,5 +782,87 @@ mod tests {
             indexes(&load_from(&crashed)),
             (first..=last).map(|i| (i, 1)).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_snapshot_lives_in_a_file_of_its_own_until_the_next_one_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_in(dir.path());
+        for i in 1..=6 {
+            append(&disk, entry(i, 1));
+        }
+        disk.write(&compaction(3, b"state at 3")).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["raft.snap-3-1"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("raft.snap-3-1")).unwrap(),
+            b"state at 3"
+        );
+        disk.write(&compaction(5, b"state at 5")).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["raft.snap-5-1"]);
+        drop(disk);
+        let recovered = load_from(dir.path());
+        assert_eq!(recovered.snapshot.data.as_ref(), b"state at 5");
+        assert_eq!(recovered.snapshot.get_metadata().index, 5);
+        assert_eq!(indexes(&recovered), vec![(6, 1)]);
+    }
+
+    #[test]
+    fn a_snapshot_file_that_no_commit_names_is_removed_on_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let disk = open_in(&live);
+        for i in 1..=4 {
+            append(&disk, entry(i, 1));
+        }
+        disk.write(&compaction(3, b"state at 3")).unwrap();
+        // A crash after the next snapshot's file was written (or half written), before the
+        // commit that would have named it.
+        let crashed = dir.path().join("crashed");
+        crash_image(&live, &crashed);
+        std::fs::write(crashed.join("raft.snap-4-1"), b"state at 4").unwrap();
+        std::fs::write(crashed.join("raft.snap-4-1.partial"), b"sta").unwrap();
+        let recovered = load_from(&crashed);
+        assert_eq!(recovered.snapshot.data.as_ref(), b"state at 3");
+        assert_eq!(indexes(&recovered), vec![(4, 1)]);
+        assert_eq!(snapshot_files(&crashed), vec!["raft.snap-3-1"]);
+    }
+
+    #[test]
+    fn a_missing_snapshot_file_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_in(dir.path());
+        append(&disk, entry(1, 1));
+        disk.write(&compaction(1, b"state at 1")).unwrap();
+        drop(disk);
+        std::fs::remove_file(dir.path().join("raft.snap-1-1")).unwrap();
+        let error = open_in(dir.path()).load().unwrap_err().to_string();
+        assert!(error.contains("raft.snap-1-1"), "{error}");
+    }
+
+    #[test]
+    fn a_snapshot_stored_inside_the_database_still_loads() {
+        // How a database written before snapshot files held its snapshot: the whole message,
+        // bytes and all, in the metadata table.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_in(dir.path());
+        append(&disk, entry(1, 1));
+        append(&disk, entry(2, 1));
+        let PersistBatch {
+            snapshot: Some(snapshot),
+            ..
+        } = compaction(1, b"state at 1")
+        else {
+            unreachable!()
+        };
+        let txn = disk.db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SNAPSHOT, encode(&snapshot).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(disk);
+        let recovered = load_from(dir.path());
+        assert_eq!(recovered.snapshot.data.as_ref(), b"state at 1");
+        assert_eq!(recovered.snapshot.get_metadata().index, 1);
     }
 }
