@@ -602,13 +602,21 @@ async fn get_job_artifact(
 /// missed the cache: at 512 clients, `memcmp` under `State::apply` took nearly half of a
 /// follower's CPU. The random part alone keeps ids unique.
 fn new_job_id() -> String {
-    let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+    let mut random = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
         .expect("the system random source works");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64);
-    format!("j-{:012x}{}", now_ms & 0xffff_ffff_ffff, hex::encode(bytes))
+    job_id(now_ms, random)
+}
+
+fn job_id(now_ms: u64, random: [u8; 8]) -> String {
+    format!(
+        "j-{:012x}{}",
+        now_ms & 0xffff_ffff_ffff,
+        hex::encode(random)
+    )
 }
 
 /// A job spec from a request body, or a 400 naming the field at fault.
@@ -1005,17 +1013,21 @@ async fn update_job(
 
 #[cfg(test)]
 mod tests {
-    use super::new_job_id;
+    use super::{job_id, new_job_id};
     use std::collections::BTreeSet;
 
     #[test]
     fn job_ids_are_unique_and_sort_by_the_time_they_were_made() {
-        let first = new_job_id();
-        std::thread::sleep(std::time::Duration::from_millis(2));
         let batch: Vec<String> = (0..10_000).map(|_| new_job_id()).collect();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let last = new_job_id();
-        for id in [&first, &last] {
+        let distinct: BTreeSet<&String> = batch.iter().collect();
+        assert_eq!(distinct.len(), batch.len());
+        // The clock decides the order, whatever the random part: 2026-11-27 against a
+        // millisecond later, and against 2100.
+        let first = job_id(1_795_737_600_000, [0xff; 8]);
+        let later = job_id(1_795_737_600_001, [0; 8]);
+        let last = job_id(4_102_444_800_000, [0; 8]);
+        assert!(first < later && later < last, "{first} {later} {last}");
+        for id in batch.iter().chain([&first, &last]) {
             assert_eq!(id.len(), 2 + 12 + 16, "{id}");
             assert!(id.starts_with("j-"), "{id}");
             assert!(
@@ -1026,7 +1038,5 @@ mod tests {
             );
         }
         assert!(batch.iter().all(|id| &first < id && id < &last));
-        let distinct: BTreeSet<&String> = batch.iter().collect();
-        assert_eq!(distinct.len(), batch.len());
     }
 }
