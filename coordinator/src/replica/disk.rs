@@ -31,7 +31,7 @@
 //! keeps an older build from reading metadata without bytes as an empty state: it finds no
 //! snapshot and a log that does not start at 1, and stops.)
 
-use super::storage::{Durable, PersistBatch, Recovered};
+use super::storage::{snapshot_keeps_from, Durable, PersistBatch, Recovered};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -484,13 +484,15 @@ fn apply(
     if let (Some(snapshot), Some(meta)) = (&batch.snapshot, &mut meta) {
         let index = snapshot.get_metadata().index;
         let term = snapshot.get_metadata().term;
-        // Entries up to the snapshot go; later ones stay only if the log agrees with it.
+        // Entries up to the snapshot go (but those from `compact_before` on, which a leader
+        // keeps for followers); the rest stay only if the log agrees with it.
         let agrees = match log.get(index).map_err(redb_error)? {
             Some(bytes) => decode::<Entry>(bytes.value(), "log entry")?.term == term,
             None => false,
         };
         if agrees {
-            log.retain_in(..=index, |_, _| false).map_err(redb_error)?;
+            log.retain_in(..snapshot_keeps_from(batch), |_, _| false)
+                .map_err(redb_error)?;
         } else {
             log.retain(|_, _| false).map_err(redb_error)?;
         }
@@ -969,5 +971,28 @@ mod tests {
         drop(txn);
         drop(disk);
         assert_eq!(load_from(dir.path()).snapshot.data.as_ref(), b"state at 2");
+    }
+
+    #[test]
+    fn entries_a_snapshot_keeps_are_there_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_in(dir.path());
+        for i in 1..=8 {
+            append(&disk, entry(i, 1));
+        }
+        // A leader's snapshot at 6 that keeps the entries from 4 on for a follower.
+        let mut batch = compaction(6, b"state at 6");
+        batch.compact_before = Some(4);
+        disk.write(&batch).unwrap();
+        drop(disk);
+        let recovered = load_from(dir.path());
+        assert_eq!(recovered.snapshot.get_metadata().index, 6);
+        assert_eq!(
+            indexes(&recovered),
+            (4..=8).map(|i| (i, 1)).collect::<Vec<_>>()
+        );
+        let store = super::super::storage::LogStore::from_recovered(recovered);
+        assert_eq!(raft::Storage::first_index(&store).unwrap(), 4);
+        assert_eq!(raft::Storage::term(&store, 5).unwrap(), 1);
     }
 }

@@ -581,6 +581,30 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         self.compact()
     }
 
+    /// Where a snapshot taken now cuts the log. A leader keeps what a follower still lacks (and
+    /// the follower's last entry, whose term the next append names), provided that follower
+    /// holds entries past the previous snapshot: one further behind needs a snapshot anyway, and
+    /// the log held stays within what was held just before. So a follower set back a little (a
+    /// stall, a message dropped from a full queue) is sent entries, not the whole state. A
+    /// follower keeps nothing: it sends no entries.
+    fn compaction_keeps_from(&self) -> u64 {
+        let after = self.applied + 1;
+        if self.raw.raft.state != raft::StateRole::Leader {
+            return after;
+        }
+        let previous = self.raw.store().snapshot_index();
+        let own_id = self.raw.raft.id;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != own_id)
+            // From the follower's last entry on: the next append names its term.
+            .map(|(_, progress)| progress.matched)
+            .filter(|&matched| matched > previous)
+            .fold(after, u64::min)
+    }
+
     /// Snapshots the state as applied and drops the log it covers.
     /// Both steps run on the caller's thread; the log line says how long they held it.
     fn compact(&mut self) -> Result<(), ReplicaError<D::Error>> {
@@ -589,10 +613,15 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
         let encoded = started.elapsed();
         self.snapshot_bytes = data.len() as u64;
         self.applied_bytes_since_snapshot = 0;
-        let batch = self.raw.store().compaction_batch(self.applied, data);
+        let keep_from = self.compaction_keeps_from();
+        let batch = self
+            .raw
+            .store()
+            .compaction_batch(self.applied, data, keep_from);
         self.persist(batch)?;
         tracing::info!(
             index = self.applied,
+            kept = self.applied + 1 - keep_from.min(self.applied + 1),
             bytes = self.snapshot_bytes,
             encode_ms = encoded.as_millis() as u64,
             write_ms = (started.elapsed() - encoded).as_millis() as u64,
@@ -889,5 +918,132 @@ mod tests {
             5,
             "the restarted replica applies every entry written through the other handle"
         );
+    }
+
+    /// Three replicas on redb in `dir`, node 1 leading, with messages delivered by hand.
+    struct Trio {
+        replicas: Vec<Replica<State, RedbLog>>,
+        /// Messages not yet delivered, and every one sent so far, by type and receiver.
+        pending: Vec<Message>,
+        sent: Vec<(raft::eraftpb::MessageType, u64)>,
+    }
+
+    impl Trio {
+        fn new(dir: &std::path::Path) -> Self {
+            let replicas = (1..=3)
+                .map(|id| {
+                    let mut config = ReplicaConfig::new(id);
+                    config.snapshot_every_entries = 10;
+                    let disk = RedbLog::open(&dir.join(format!("raft-{id}.redb"))).unwrap();
+                    let logger = logging::logger(id);
+                    Replica::open(config, State::default(), disk, Some(&[1, 2, 3]), &logger)
+                        .unwrap()
+                })
+                .collect();
+            let mut trio = Self {
+                replicas,
+                pending: Vec::new(),
+                sent: Vec::new(),
+            };
+            trio.replicas[0].campaign().unwrap();
+            trio.settle(&[]);
+            assert!(trio.replicas[0].is_leader());
+            trio
+        }
+
+        /// Runs every Ready and delivers messages until none is left, dropping those to or
+        /// from a node in `cut_off`.
+        fn settle(&mut self, cut_off: &[u64]) {
+            loop {
+                for replica in &mut self.replicas {
+                    while replica.has_ready() {
+                        let mut early = Vec::new();
+                        let output = replica
+                            .handle_ready(&mut |messages| early.extend(messages))
+                            .unwrap();
+                        self.pending.extend(early);
+                        self.pending.extend(output.messages);
+                    }
+                }
+                if self.pending.is_empty() {
+                    return;
+                }
+                for message in std::mem::take(&mut self.pending) {
+                    self.sent.push((message.get_msg_type(), message.to));
+                    if cut_off.contains(&message.to) || cut_off.contains(&message.from) {
+                        continue;
+                    }
+                    let to = (message.to - 1) as usize;
+                    self.replicas[to].step(message).unwrap();
+                }
+            }
+        }
+
+        fn submit(&mut self, i: u64, cut_off: &[u64]) {
+            self.replicas[0]
+                .propose(replicated::encode(&submission(i)))
+                .unwrap();
+            self.settle(cut_off);
+        }
+    }
+
+    #[test]
+    fn a_follower_set_back_a_few_entries_by_a_leaders_snapshot_gets_entries_not_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trio = Trio::new(dir.path());
+        for i in 0..3 {
+            trio.submit(i, &[]);
+        }
+        let behind = trio.replicas[2].applied();
+        // Node 3 misses a few entries, and the leader snapshots meanwhile.
+        for i in 3..13 {
+            trio.submit(i, &[3]);
+        }
+        let leader_first = raft::Storage::first_index(trio.replicas[0].raw.store()).unwrap();
+        assert!(
+            trio.replicas[0].raw.store().snapshot_index() > behind,
+            "the leader took a snapshot past node 3"
+        );
+        assert!(
+            leader_first <= behind + 1,
+            "the leader kept the entries node 3 lacks (its log starts at {leader_first})"
+        );
+        trio.sent.clear();
+        // Heartbeats bring node 3 back; what it lacks comes as entries.
+        for _ in 0..4 {
+            trio.replicas[0].tick().unwrap();
+        }
+        trio.submit(13, &[]);
+        assert_eq!(trio.replicas[2].applied(), trio.replicas[0].applied());
+        assert!(
+            !trio
+                .sent
+                .iter()
+                .any(|(kind, _)| *kind == raft::eraftpb::MessageType::MsgSnapshot),
+            "{:?}",
+            trio.sent
+        );
+    }
+
+    #[test]
+    fn a_follower_behind_the_snapshot_before_gets_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trio = Trio::new(dir.path());
+        trio.submit(0, &[]);
+        // Node 3 misses two snapshots' worth: keeping its entries would keep the log past the
+        // previous snapshot, so the leader drops them and sends it a snapshot.
+        for i in 1..30 {
+            trio.submit(i, &[3]);
+        }
+        trio.sent.clear();
+        for _ in 0..4 {
+            trio.replicas[0].tick().unwrap();
+        }
+        trio.submit(30, &[]);
+        assert_eq!(trio.replicas[2].applied(), trio.replicas[0].applied());
+        assert!(trio
+            .sent
+            .iter()
+            .any(|(kind, to)| *kind == raft::eraftpb::MessageType::MsgSnapshot && *to == 3));
     }
 }

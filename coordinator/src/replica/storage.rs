@@ -54,9 +54,10 @@ pub struct Recovered {
 pub struct LogStore {
     hard_state: HardState,
     conf_state: ConfState,
-    /// The latest snapshot: its metadata says which index the log starts after.
+    /// The latest snapshot.
     snapshot: Snapshot,
-    /// `entries[i].index == snapshot.index + 1 + i`.
+    /// Contiguous, from at most just after the snapshot: a leader's own snapshot may leave the
+    /// entries just before its index in place, for followers that lack only those.
     entries: Vec<Entry>,
     /// Raft asked for a snapshot the stored one cannot serve (it predates the follower joining,
     /// or is too old); the replica takes a fresh one and raft asks again.
@@ -84,12 +85,21 @@ impl LogStore {
     }
 
     fn check(&self) {
+        let first = self.first();
+        assert!(
+            first <= self.snapshot_index() + 1,
+            "the log starts at {first}, after the snapshot at {}",
+            self.snapshot_index()
+        );
         for (i, entry) in self.entries.iter().enumerate() {
-            assert_eq!(
-                entry.index,
-                self.snapshot_index() + 1 + i as u64,
-                "log entries are contiguous after the snapshot"
-            );
+            assert_eq!(entry.index, first + i as u64, "log entries are contiguous");
+            if entry.index == self.snapshot_index() {
+                assert_eq!(
+                    entry.term,
+                    self.snapshot.get_metadata().term,
+                    "the entry at the snapshot's index is of the snapshot's term"
+                );
+            }
         }
     }
 
@@ -110,11 +120,16 @@ impl LogStore {
     }
 
     fn first(&self) -> u64 {
-        self.snapshot_index() + 1
+        self.entries
+            .first()
+            .map_or(self.snapshot_index() + 1, |entry| entry.index)
     }
 
     fn last(&self) -> u64 {
-        self.snapshot_index() + self.entries.len() as u64
+        self.entries
+            .last()
+            .map_or(0, |entry| entry.index)
+            .max(self.snapshot_index())
     }
 
     /// Everything this store holds, as a disk would return it after a restart.
@@ -135,16 +150,18 @@ impl LogStore {
     pub fn apply(&mut self, batch: &PersistBatch) {
         if let Some(snapshot) = &batch.snapshot {
             let index = snapshot.get_metadata().index;
-            // Keep entries after the snapshot only if they agree with it.
-            let keep_from = self
+            // Keep entries only if the log agrees with the snapshot: those after it, and those
+            // from `compact_before` on that it covers (see [`Self::compaction_batch`]).
+            let agrees = self
                 .entries
                 .iter()
-                .position(|e| e.index == index && e.term == snapshot.get_metadata().term)
-                .map(|pos| pos + 1);
-            self.entries = match keep_from {
-                Some(pos) => self.entries.split_off(pos),
-                None => Vec::new(),
-            };
+                .any(|e| e.index == index && e.term == snapshot.get_metadata().term);
+            if agrees {
+                let keep_from = snapshot_keeps_from(batch);
+                self.entries.retain(|e| e.index >= keep_from);
+            } else {
+                self.entries.clear();
+            }
             self.snapshot = snapshot.clone();
             self.conf_state = snapshot.get_metadata().get_conf_state().clone();
             if self.hard_state.commit < index {
@@ -193,8 +210,9 @@ impl LogStore {
         self.snapshot_requested.replace(false)
     }
 
-    /// The snapshot of the state as of `index` replaces the log up to it.
-    pub fn compaction_batch(&self, index: u64, data: Vec<u8>) -> PersistBatch {
+    /// The snapshot of the state as of `index` replaces the log before `keep_from` (at most
+    /// `index + 1`): the entries from there to `index` stay, for followers that lack only those.
+    pub fn compaction_batch(&self, index: u64, data: Vec<u8>, keep_from: u64) -> PersistBatch {
         let mut snapshot = Snapshot::default();
         let metadata = snapshot.mut_metadata();
         metadata.index = index;
@@ -205,10 +223,22 @@ impl LogStore {
         snapshot.data = data.into();
         PersistBatch {
             snapshot: Some(snapshot),
-            compact_before: Some(index + 1),
+            compact_before: Some(keep_from.max(self.first()).min(index + 1)),
             ..Default::default()
         }
     }
+}
+
+/// The first entry a batch with a snapshot keeps, when the log agrees with the snapshot: its
+/// `compact_before`, no later than just after the snapshot.
+pub fn snapshot_keeps_from(batch: &PersistBatch) -> u64 {
+    let after = batch
+        .snapshot
+        .as_ref()
+        .map_or(0, |snapshot| snapshot.get_metadata().index + 1);
+    batch
+        .compact_before
+        .map_or(after, |before| before.min(after))
 }
 
 impl Storage for LogStore {
@@ -307,7 +337,7 @@ mod tests {
             entries: (1..=10).map(|i| entry(i, 1)).collect(),
             ..Default::default()
         });
-        let batch = store.compaction_batch(6, b"state".to_vec());
+        let batch = store.compaction_batch(6, b"state".to_vec(), 7);
         store.apply(&batch);
         assert_eq!(store.first_index().unwrap(), 7);
         assert_eq!(store.last_index().unwrap(), 10);
@@ -321,5 +351,43 @@ mod tests {
             "the stored snapshot does not name node 1"
         );
         assert!(store.take_snapshot_request());
+    }
+
+    #[test]
+    fn a_snapshot_may_keep_entries_it_covers_until_one_from_elsewhere_replaces_them() {
+        let mut store = LogStore::default();
+        store.apply(&PersistBatch {
+            entries: (1..=10).map(|i| entry(i, 1)).collect(),
+            ..Default::default()
+        });
+        let batch = store.compaction_batch(8, b"state".to_vec(), 5);
+        store.apply(&batch);
+        assert_eq!(store.snapshot_index(), 8);
+        assert_eq!(store.first_index().unwrap(), 5);
+        assert_eq!(store.last_index().unwrap(), 10);
+        assert_eq!(store.term(5).unwrap(), 1);
+        assert_eq!(
+            store
+                .entries(5, 9, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            4
+        );
+        assert!(matches!(
+            store.term(4),
+            Err(Error::Store(StorageError::Compacted))
+        ));
+        let reopened = LogStore::from_recovered(store.to_recovered());
+        assert_eq!(reopened.first_index().unwrap(), 5);
+        // A leader's snapshot of another history replaces everything.
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = 12;
+        snapshot.mut_metadata().term = 2;
+        store.apply(&PersistBatch {
+            snapshot: Some(snapshot),
+            ..Default::default()
+        });
+        assert_eq!(store.first_index().unwrap(), 13);
+        assert_eq!(store.last_index().unwrap(), 12);
     }
 }
