@@ -294,10 +294,6 @@ impl<M: StateMachine, D: Durable> Replica<M, D> {
             .pop()
     }
 
-    pub fn first_log_index(&self) -> u64 {
-        self.raw.store().snapshot_index() + 1
-    }
-
     pub fn tick(&mut self) -> Result<(), ReplicaError<D::Error>> {
         self.raw.tick();
         if self.raw.store().take_snapshot_request() {
@@ -708,14 +704,14 @@ mod tests {
         for i in 0..n {
             let command = submission(i);
             let (snapshot_index, bytes_before) = (
-                replica.first_log_index() - 1,
+                replica.raw.store().snapshot_index(),
                 replica.applied_bytes_since_snapshot,
             );
             replica.propose(replicated::encode(&command)).unwrap();
             drive(&mut replica);
-            if replica.first_log_index() - 1 != snapshot_index {
+            if replica.raw.store().snapshot_index() != snapshot_index {
                 taken.push((
-                    replica.first_log_index() - 1,
+                    replica.raw.store().snapshot_index(),
                     bytes_before,
                     replica.snapshot_bytes,
                 ));

@@ -16,7 +16,8 @@ pub struct PersistBatch {
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
     pub conf_state: Option<ConfState>,
-    /// Entries before this index may be dropped (a snapshot covers them).
+    /// Entries before this index may be dropped (a snapshot covers them); with a snapshot, the
+    /// entries from here to its index stay (a leader keeps them for its followers).
     pub compact_before: Option<u64>,
 }
 
@@ -91,6 +92,13 @@ impl LogStore {
             "the log starts at {first}, after the snapshot at {}",
             self.snapshot_index()
         );
+        if first <= self.snapshot_index() {
+            assert!(
+                self.last_entry_index() >= self.snapshot_index(),
+                "entries kept before the snapshot at {} reach it",
+                self.snapshot_index()
+            );
+        }
         for (i, entry) in self.entries.iter().enumerate() {
             assert_eq!(entry.index, first + i as u64, "log entries are contiguous");
             if entry.index == self.snapshot_index() {
@@ -123,6 +131,10 @@ impl LogStore {
         self.entries
             .first()
             .map_or(self.snapshot_index() + 1, |entry| entry.index)
+    }
+
+    fn last_entry_index(&self) -> u64 {
+        self.entries.last().map_or(0, |entry| entry.index)
     }
 
     fn last(&self) -> u64 {
@@ -173,8 +185,8 @@ impl LogStore {
         }
         if let Some(first) = batch.entries.first() {
             assert!(
-                first.index >= self.first(),
-                "append at {} below the snapshot at {}",
+                first.index > self.snapshot_index(),
+                "append at {} at or below the snapshot at {}",
                 first.index,
                 self.snapshot_index()
             );
@@ -290,8 +302,9 @@ impl Storage for LogStore {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        // The stored snapshot covers everything before the first stored entry, which is what a
-        // lagging follower lacks, provided its configuration already names that follower.
+        // The stored snapshot covers everything before the first stored entry (and maybe some
+        // entries still stored), which is what a follower raft cannot send entries to lacks,
+        // provided its configuration already names that follower.
         let conf = self.snapshot.get_metadata().get_conf_state();
         let names_follower = conf.voters.contains(&to) || conf.learners.contains(&to);
         if names_follower && self.snapshot_index() >= request_index {
