@@ -2,7 +2,8 @@
 //! and GPUs, found through NVML loaded at run time or declared in the config.
 //!
 //! NVML is `dlopen`ed when the agent starts; a host without the NVIDIA driver simply has no NVML
-//! GPUs. Declared GPUs stand in where NVML is absent.
+//! GPUs. A static build, which cannot `dlopen`, asks the driver's `nvidia-smi` instead. Declared
+//! GPUs stand in where neither finds any.
 
 use crate::config::AgentConfig;
 use gantry_protocol::units::parse_bytes;
@@ -22,7 +23,14 @@ pub enum NvmlOutcome {
 pub fn nvml_gpus() -> NvmlOutcome {
     let nvml = match nvml_wrapper::Nvml::init() {
         Ok(nvml) => nvml,
-        Err(e) => return NvmlOutcome::Unavailable(format!("NVML not loaded: {e}")),
+        // A static build cannot `dlopen` (musl's static loader has no dynamic loading), so
+        // there the driver's own nvidia-smi, a dynamically linked program, is asked instead.
+        Err(e) => {
+            return match nvidia_smi_gpus() {
+                Ok(gpus) => NvmlOutcome::Found(gpus),
+                Err(smi) => NvmlOutcome::Unavailable(format!("NVML not loaded: {e}; {smi}")),
+            }
+        }
     };
     let count = match nvml.device_count() {
         Ok(count) => count,
@@ -46,6 +54,68 @@ pub fn nvml_gpus() -> NvmlOutcome {
         });
     }
     NvmlOutcome::Found(gpus)
+}
+
+/// How long nvidia-smi may take to answer; a wedged driver can leave it hanging.
+const NVIDIA_SMI_TIMEOUT_MS: u64 = 5_000;
+const NVIDIA_SMI_QUERY: &str = "--query-gpu=index,uuid,name,memory.total";
+
+/// GPUs as `nvidia-smi` lists them, for a binary that cannot load NVML itself.
+fn nvidia_smi_gpus() -> Result<Vec<Gpu>, String> {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new("nvidia-smi")
+        .args([NVIDIA_SMI_QUERY, "--format=csv,noheader,nounits"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("nvidia-smi not run: {e}"))?;
+    let deadline = Instant::now() + Duration::from_millis(NVIDIA_SMI_TIMEOUT_MS);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "nvidia-smi did not answer within {NVIDIA_SMI_TIMEOUT_MS} ms"
+                ));
+            }
+            Err(e) => return Err(format!("nvidia-smi not awaited: {e}")),
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("nvidia-smi's output not read: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("nvidia-smi failed ({})", output.status));
+    }
+    parse_nvidia_smi(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// `0, GPU-5c1e…, NVIDIA H100 80GB HBM3, 81559` per line: index, UUID, name, memory in MiB.
+fn parse_nvidia_smi(text: &str) -> Result<Vec<Gpu>, String> {
+    let mut gpus = Vec::new();
+    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [index, uuid, name, memory_mib] = fields[..] else {
+            return Err(format!("nvidia-smi printed {line:?}: expected 4 fields"));
+        };
+        let index = index
+            .parse()
+            .map_err(|_| format!("nvidia-smi printed {line:?}: index {index:?} is not a number"))?;
+        let memory_bytes = memory_mib.parse::<u64>().map(|mib| mib << 20).unwrap_or(0);
+        gpus.push(Gpu {
+            index,
+            model: name.to_string(),
+            memory_bytes,
+            uuid: (uuid.starts_with("GPU-")).then(|| uuid.to_string()),
+            source: GpuSource::Nvml,
+        });
+    }
+    Ok(gpus)
 }
 
 /// GPUs declared in the config, numbered from 0 in declaration order.
@@ -141,6 +211,26 @@ pub fn local_node(config: &AgentConfig, data_dir: &Path) -> NodeCapacity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_give_index_uuid_model_and_memory() {
+        let text = "0, GPU-5c1e9f2a-1111-2222-3333-444455556666, NVIDIA H100 80GB HBM3, 81559\n1, GPU-0d7f0000-1111-2222-3333-444455556666, NVIDIA H100 80GB HBM3, 81559\n\n";
+        let gpus = parse_nvidia_smi(text).unwrap();
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus[1].index, 1);
+        assert_eq!(gpus[0].model, "NVIDIA H100 80GB HBM3");
+        assert_eq!(gpus[0].memory_bytes, 81559 << 20);
+        assert_eq!(
+            gpus[0].uuid.as_deref(),
+            Some("GPU-5c1e9f2a-1111-2222-3333-444455556666")
+        );
+        assert!(gpus.iter().all(|g| g.source == GpuSource::Nvml));
+        // A field nvidia-smi could not read ("[N/A]") leaves that value unknown, not the GPU.
+        let odd = parse_nvidia_smi("0, [N/A], Tesla T4, [N/A]\n").unwrap();
+        assert_eq!((odd[0].uuid.as_deref(), odd[0].memory_bytes), (None, 0));
+        let error = parse_nvidia_smi("No devices were found\n").unwrap_err();
+        assert!(error.contains("No devices were found"), "{error}");
+    }
 
     #[test]
     fn declared_gpus_are_numbered_in_order() {

@@ -39,7 +39,8 @@ pub enum SiteKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuSource {
-    /// Found through NVML at run time.
+    /// Found through the NVIDIA driver at run time: NVML, or `nvidia-smi` where the binary
+    /// cannot load NVML (the static build).
     Nvml,
     /// Declared in the agent's config file.
     Declared,
