@@ -1,6 +1,7 @@
 //! `gantry`: every role (coordinator, agent) and the CLI in one static binary, so an air-gapped
 //! site installs by copying one file.
 
+mod bundle;
 mod client;
 mod demo;
 mod output;
@@ -218,6 +219,9 @@ enum Command {
     /// Run a small example ML program built into gantry (train, batch-infer or serve a model);
     /// what the job templates and examples/ run, with no files or network needed.
     Workload(workloads::WorkloadArgs),
+    /// Write one tarball from which a site with no network installs Gantry: the static binary,
+    /// an image of it for Docker hosts, systemd units, configs and an install script.
+    Bundle(bundle::BundleArgs),
     /// Print a shell completion script: `gantry completions bash > /etc/bash_completion.d/gantry`.
     Completions {
         #[arg(value_enum)]
@@ -335,6 +339,8 @@ struct CoordinatorFile {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    advertise_quic: Option<SocketAddr>,
+    advertise_http: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde_opt")]
     heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -522,6 +528,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::New(args) => templates::run(args),
         Command::Workload(args) => workloads::run(args).await,
+        Command::Bundle(args) => bundle::run(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
             Ok(())
@@ -618,8 +625,8 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         config.snapshot_every_entries = every;
     }
     config.snapshot_amortized = !args.snapshot_by_count_only;
-    config.advertise_quic = args.advertise_quic;
-    config.advertise_http = args.advertise_http;
+    config.advertise_quic = args.advertise_quic.or(file.advertise_quic);
+    config.advertise_http = args.advertise_http.or(file.advertise_http);
     let mut membership = gantry_coordinator::Membership::Existing;
     if !gantry_coordinator::data_dir::is_initialized(&data_dir) {
         if let Some(join) = &args.join {
