@@ -1,12 +1,14 @@
 //! The HTTP API (axum): deny by default, a bearer token on everything but `/healthz`, the
-//! OpenAPI document and the serving gateway (`/serve/...`, see [`gateway`]). Writes go through
-//! Raft on the leader (a follower forwards them there); reads are linearizable through ReadIndex
-//! unless `?stale=true`; job logs are read from the agents by the leader ([`logs`]).
+//! OpenAPI document, the dashboard's static page (`/ui`, see [`ui`]) and the serving gateway
+//! (`/serve/...`, see [`gateway`]). Writes go through Raft on the leader (a follower forwards them
+//! there); reads are linearizable through ReadIndex unless `?stale=true`; job logs are read from
+//! the agents by the leader ([`logs`]).
 
 pub mod gateway;
 pub mod logs;
 pub mod openapi;
 pub mod types;
+pub mod ui;
 
 use crate::core::serving::ServingRoutes;
 use crate::core::state::Outcome;
@@ -198,6 +200,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/quotas/{team}", axum::routing::put(set_quota))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/usage", get(ui::usage_report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -205,6 +208,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/serve/{name}", any(gateway::serve))
         .route("/serve/{name}/", any(gateway::serve))
         .route("/serve/{name}/{*rest}", any(gateway::serve))
+        .merge(ui::routes())
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))

@@ -6,3 +6,4 @@ pub mod liveness;
 pub mod scheduler;
 pub mod serving;
 pub mod state;
+pub mod usage;
