@@ -173,14 +173,22 @@ fn the_bundle_holds_what_its_manifest_lists_and_is_reproducible() {
 
 /// Every address in an strace record of connect, sendto, sendmsg and sendmmsg calls.
 fn addresses_in_trace(trace: &str) -> Vec<String> {
+    // Only destinations: a socket address's `sin_addr=inet_addr("A")` or
+    // `inet_pton(AF_INET6, "A", &sin6_addr)`, not the source addresses of IP_PKTINFO control
+    // messages (`ipi_addr=inet_addr("0.0.0.0")`).
     let mut addresses = Vec::new();
     for line in trace.lines() {
-        for (marker, end) in [("inet_addr(\"", '"'), ("inet_pton(AF_INET6, \"", '"')] {
+        for (marker, after) in [
+            ("sin_addr=inet_addr(\"", "\""),
+            ("inet_pton(AF_INET6, \"", "\", &sin6_addr"),
+        ] {
             let mut rest = line;
             while let Some(at) = rest.find(marker) {
                 rest = &rest[at + marker.len()..];
-                let address = rest.split(end).next().unwrap_or_default();
-                addresses.push(address.to_string());
+                let address = rest.split('"').next().unwrap_or_default();
+                if rest[address.len()..].starts_with(after) {
+                    addresses.push(address.to_string());
+                }
             }
         }
     }
@@ -204,9 +212,14 @@ fn trace_addresses_are_read_from_each_kind_of_call() {
 13 sendmsg(10, {msg_name={sa_family=AF_INET6, sin6_port=htons(7443), sin6_flowinfo=htonl(0), inet_pton(AF_INET6, "::1", &sin6_addr), sin6_scope_id=0}, msg_namelen=28}, 0) = 1200
 14 connect(11, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("10.1.2.3")}, 16) = -1 ENETUNREACH (Network is unreachable)
 15 connect(12, {sa_family=AF_UNIX, sun_path="/var/run/docker.sock"}, 23) = -1 ENOENT
+16 sendmsg(9, {msg_name={sa_family=AF_INET, sin_port=htons(36043), sin_addr=inet_addr("127.0.0.1")}, msg_namelen=16, msg_control=[{cmsg_len=28, cmsg_level=SOL_IP, cmsg_type=IP_PKTINFO, cmsg_data={ipi_ifindex=0, ipi_spec_dst=inet_addr("127.0.0.1"), ipi_addr=inet_addr("0.0.0.0")}}], msg_flags=0}, 0) = 34
+17 sendmsg(9, {msg_name={sa_family=AF_INET6, sin6_port=htons(1), inet_pton(AF_INET6, "::1", &sin6_addr)}, msg_control=[{cmsg_data={ipi6_addr=inet_pton(AF_INET6, "::"), ipi6_ifindex=0}}]}, 0) = 34
 "#;
     let addresses = addresses_in_trace(trace);
-    assert_eq!(addresses, ["127.0.0.1", "::1", "10.1.2.3"]);
+    assert_eq!(
+        addresses,
+        ["127.0.0.1", "::1", "10.1.2.3", "127.0.0.1", "::1"]
+    );
     let outbound: Vec<_> = addresses.iter().filter(|a| !is_loopback(a)).collect();
     assert_eq!(outbound, ["10.1.2.3"]);
     assert!(is_loopback("::ffff:127.0.0.1") && !is_loopback("0.0.0.0"));

@@ -157,6 +157,12 @@ pub fn spec() -> Value {
                 "parameters": [{ "name": "team", "in": "path", "required": true, "schema": { "type": "string" } }],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "properties": { "gpus": { "type": ["integer", "null"] } } } } } },
                 "responses": { "200": ok("Set.", json!({ "type": "object" })), "400": error_response("Bad team or body."), "401": unauthorized.clone(), "503": unavailable.clone() } } },
+            "/v1/usage": { "get": { "summary": "GPU- and CPU-seconds and cost per step over a window ending now, per team and per site (with each site's idle cost and capacity), from allocations' run times at their nodes' prices.",
+                "parameters": [
+                    { "name": "window", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 1, "maximum": 2678400 }, "description": "Seconds back from now (default 3600)." },
+                    { "name": "step", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 1 }, "description": "Seconds per step (default window/60); at most 1,000 steps." },
+                    stale_parameter()],
+                "responses": { "200": ok("Usage per step.", json!({ "type": "object", "required": ["start_unix_ms", "step_ms", "steps", "teams", "sites"] })), "400": error_response("Bad window or step (the field is named)."), "401": unauthorized.clone(), "503": unavailable.clone() } } },
             "/v1/agents": { "get": { "summary": "Agents and their nodes.", "parameters": [stale_parameter()],
                 "responses": { "200": ok("Agents.", array_of("Agent")), "401": unauthorized.clone(), "503": unavailable.clone() } } },
             "/v1/nodes": { "get": { "summary": "Every node of every agent.", "parameters": [stale_parameter()],

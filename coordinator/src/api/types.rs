@@ -286,3 +286,71 @@ pub struct ReplicaView {
     /// Takes traffic from the gateway.
     pub healthy: bool,
 }
+
+/// Per step of a usage window (`GET /v1/usage`): what ran and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageSeriesView {
+    pub gpu_seconds: Vec<f64>,
+    pub cpu_seconds: Vec<f64>,
+    pub cost: Vec<f64>,
+}
+
+/// A site's usage per step, its idle cost per step, and its capacity now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteUsageView {
+    #[serde(flatten)]
+    pub used: UsageSeriesView,
+    pub idle_cost: Vec<f64>,
+    pub gpus: u32,
+    pub cpus: f64,
+    pub cost_per_hour: f64,
+}
+
+/// `GET /v1/usage`: `steps` steps of `step_ms` from `start_unix_ms`, per team and per site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageView {
+    pub start_unix_ms: u64,
+    pub step_ms: u64,
+    pub steps: u64,
+    pub teams: BTreeMap<String, UsageSeriesView>,
+    pub sites: BTreeMap<String, SiteUsageView>,
+}
+
+impl From<crate::core::usage::Series> for UsageSeriesView {
+    fn from(series: crate::core::usage::Series) -> Self {
+        Self {
+            gpu_seconds: series.gpu_seconds,
+            cpu_seconds: series.cpu_seconds,
+            cost: series.cost,
+        }
+    }
+}
+
+impl From<crate::core::usage::Usage> for UsageView {
+    fn from(usage: crate::core::usage::Usage) -> Self {
+        Self {
+            start_unix_ms: usage.start_unix_ms,
+            step_ms: usage.step_ms,
+            steps: usage.steps,
+            teams: usage
+                .teams
+                .into_iter()
+                .map(|(k, v)| (k, v.into()))
+                .collect(),
+            sites: usage
+                .sites
+                .into_iter()
+                .map(|(name, site)| {
+                    let view = SiteUsageView {
+                        used: site.used.into(),
+                        idle_cost: site.idle_cost,
+                        gpus: site.gpus,
+                        cpus: site.cpus,
+                        cost_per_hour: site.cost_per_hour,
+                    };
+                    (name, view)
+                })
+                .collect(),
+        }
+    }
+}

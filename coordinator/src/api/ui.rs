@@ -77,7 +77,7 @@ const WINDOW_SECONDS_MAX: u64 = 31 * 24 * 3600;
 pub(super) async fn usage_report(
     State(state): State<Arc<ApiState>>,
     axum::extract::Query(params): axum::extract::Query<UsageParams>,
-) -> Result<Json<usage::Usage>, ApiError> {
+) -> Result<Json<super::types::UsageView>, ApiError> {
     let window_s = params.window.unwrap_or(WINDOW_SECONDS_DEFAULT);
     if window_s == 0 || window_s > WINDOW_SECONDS_MAX {
         return Err(ApiError::invalid_field(
@@ -141,5 +141,5 @@ pub(super) async fn usage_report(
             })
         })
         .collect();
-    Ok(Json(usage::usage(&runs, &nodes, window, now)))
+    Ok(Json(usage::usage(&runs, &nodes, window, now).into()))
 }

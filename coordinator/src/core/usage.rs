@@ -66,7 +66,7 @@ impl Window {
 }
 
 /// Per step: what ran and what it cost.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Series {
     pub gpu_seconds: Vec<f64>,
     pub cpu_seconds: Vec<f64>,
@@ -88,9 +88,8 @@ impl Series {
 }
 
 /// A site's usage, and its capacity now (capacity is not kept over time).
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SiteUsage {
-    #[serde(flatten)]
     pub used: Series,
     /// What the site's capacity not in use cost, per step.
     pub idle_cost: Vec<f64>,
@@ -100,7 +99,7 @@ pub struct SiteUsage {
     pub cost_per_hour: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Usage {
     pub start_unix_ms: u64,
     pub step_ms: u64,
