@@ -10,7 +10,6 @@
 use anyhow::{bail, Context, Result};
 use bollard::Docker;
 use gantry_agent::runtime::docker;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -20,7 +19,6 @@ pub const LABEL_BINARY_SHA256: &str = "gantry.demo.binary-sha256";
 /// Where the binary lies in the image, and so the `PATH` it is found on.
 const BINARY_IN_IMAGE: &str = "/usr/local/bin/gantry";
 const PATH_IN_IMAGE: &str = "/usr/local/bin:/usr/bin:/bin";
-const HASH_READ_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// The demo's image in the local daemon.
 pub struct DemoImage {
@@ -39,7 +37,7 @@ pub async fn ensure(docker: &Docker) -> Result<DemoImage> {
     let exe = std::env::current_exe().context("find this binary")?;
     let binary_sha256 = {
         let exe = exe.clone();
-        tokio::task::spawn_blocking(move || sha256_hex(&exe))
+        tokio::task::spawn_blocking(move || crate::bundle::sha256_hex_of_file(&exe))
             .await
             .context("join the binary's checksum")??
     };
@@ -92,22 +90,6 @@ pub async fn ensure(docker: &Docker) -> Result<DemoImage> {
         id,
         reused: false,
     })
-}
-
-fn sha256_hex(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buffer = vec![0; HASH_READ_CHUNK_BYTES];
-    loop {
-        let n_bytes = file
-            .read(&mut buffer)
-            .with_context(|| format!("read {}", path.display()))?;
-        if n_bytes == 0 {
-            break;
-        }
-        context.update(&buffer[..n_bytes]);
-    }
-    Ok(hex::encode(context.finish()))
 }
 
 /// Writes the image's root file system under `staging` and archives it; the archive's path.
